@@ -1,0 +1,181 @@
+"""Checks on the composed config, run before anything is loaded or trained.
+
+The `data`, `trainer` and `logger` groups are read into the dataclasses below (unknown keys and
+bad values are errors naming the key and what is allowed); `model`, `loss` and `optim` are
+`_target_` configs whose constructors check their own arguments, with errors re-raised here
+under the key's full name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value or missing input: the message names the key and what is allowed."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    name: str
+    root: str
+    image_size: int
+    channels: int
+    batch_size: int
+    num_workers: int
+    download: bool
+    limit: int | None
+    train_split: str
+    val_split: str
+    val_fraction: float = 0.05  # folder only
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_last: bool
+    save_best: bool
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    epochs: int
+    device: str
+    seed: int
+    log_every: int
+    progress: bool
+    sample_grid: int
+    num_reconstructions: int
+    checkpoint: CheckpointConfig
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    name: str
+    project: str = "vae_exp"
+    entity: str | None = None
+    mode: str = "auto"
+    group: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+    log_images: bool = True
+
+
+def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"Invalid config: {key}={value!r}; allowed: {allowed}.")
+
+
+def _read(cls: type, section: Mapping, prefix: str) -> Any:
+    """Build dataclass `cls` from a config section; unknown or missing keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"Invalid config: unknown key {prefix}.{unknown[0]}; the keys of {prefix} are "
+            f"{', '.join(fields)}."
+        )
+    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in section]
+    if missing:
+        raise ConfigError(f"Invalid config: {prefix}.{missing[0]} is missing.")
+    return cls(**section)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise _fail(key, value, allowed)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_data(section: Mapping) -> DataConfig:
+    from vae_exp.data import DATASETS, SPLITS
+
+    d = _read(DataConfig, section, "data")
+    _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
+    _check(_is_int(d.image_size) and d.image_size >= 1, "data.image_size", d.image_size,
+           "an integer >= 1")
+    _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
+    _check(_is_int(d.batch_size) and d.batch_size >= 1, "data.batch_size", d.batch_size,
+           "an integer >= 1")
+    _check(_is_int(d.num_workers) and d.num_workers >= 0, "data.num_workers", d.num_workers,
+           "an integer >= 0")
+    _check(isinstance(d.download, bool), "data.download", d.download, "true or false")
+    _check(d.limit is None or (_is_int(d.limit) and d.limit >= 1), "data.limit", d.limit,
+           "null (all images) or an integer >= 1")
+    _check(d.train_split in SPLITS, "data.train_split", d.train_split, " | ".join(SPLITS))
+    _check(d.val_split in SPLITS, "data.val_split", d.val_split, " | ".join(SPLITS))
+    if d.name == "folder":
+        _check(d.download is False, "data.download", d.download,
+               "false (a folder of images cannot be downloaded)")
+        _check(isinstance(d.val_fraction, float | int) and 0 < d.val_fraction <= 0.5,
+               "data.val_fraction", d.val_fraction, "a number in (0, 0.5]")
+    return d
+
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def read_trainer(section: Mapping) -> TrainerConfig:
+    checkpoint = section.get("checkpoint")
+    _check(isinstance(checkpoint, Mapping), "trainer.checkpoint", checkpoint,
+           "a mapping with save_last and save_best")
+    checkpoint = _read(CheckpointConfig, checkpoint, "trainer.checkpoint")
+    t = _read(TrainerConfig, {**section, "checkpoint": checkpoint}, "trainer")
+    _check(_is_int(t.epochs) and t.epochs >= 1, "trainer.epochs", t.epochs, "an integer >= 1")
+    _check(isinstance(t.device, str) and DEVICE_PATTERN.fullmatch(t.device) is not None,
+           "trainer.device", t.device, "auto | cpu | cuda | cuda:N | mps")
+    _check(_is_int(t.seed), "trainer.seed", t.seed, "an integer")
+    _check(_is_int(t.log_every) and t.log_every >= 1, "trainer.log_every", t.log_every,
+           "an integer >= 1")
+    _check(isinstance(t.progress, bool), "trainer.progress", t.progress, "true or false")
+    _check(_is_int(t.sample_grid) and t.sample_grid >= 1, "trainer.sample_grid", t.sample_grid,
+           "an integer >= 1")
+    _check(_is_int(t.num_reconstructions) and t.num_reconstructions >= 1,
+           "trainer.num_reconstructions", t.num_reconstructions, "an integer >= 1")
+    for key in ("save_last", "save_best"):
+        value = getattr(t.checkpoint, key)
+        _check(isinstance(value, bool), f"trainer.checkpoint.{key}", value, "true or false")
+    return t
+
+
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def read_logger(section: Mapping) -> LoggerConfig:
+    name = section.get("name")
+    _check(name in LOGGERS, "logger.name", name, " | ".join(LOGGERS))
+    if name == "none" and len(section) > 1:
+        extra = sorted(set(section) - {"name"})[0]
+        raise ConfigError(f"Invalid config: unknown key logger.{extra}; logger=none has no options.")
+    lg = _read(LoggerConfig, section, "logger")
+    _check(lg.mode in WANDB_MODES, "logger.mode", lg.mode, " | ".join(WANDB_MODES))
+    return lg
+
+
+def instantiate_checked(section: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`hydra.utils.instantiate` whose argument errors become ConfigErrors naming `key`."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(section, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__ or e
+        raise ConfigError(f"Invalid config: {key}: {cause}") from e
+
+
+def check_optimizer(section: DictConfig) -> None:
+    """Learning rate and weight decay must be >= 0 (lr > 0) before any optimizer is built."""
+    lr = section.optimizer.get("lr")
+    _check(isinstance(lr, float | int) and lr > 0, "optim.optimizer.lr", lr, "a number > 0")
+    wd = section.optimizer.get("weight_decay", 0.0)
+    _check(isinstance(wd, float | int) and wd >= 0, "optim.optimizer.weight_decay", wd,
+           "a number >= 0")

@@ -1,0 +1,337 @@
+"""Datasets: IDX files (MNIST, Fashion-MNIST), CIFAR-10 batches, folders of images; batching.
+
+MNIST-family and CIFAR-10 splits are decoded and resized once (with PIL, exactly as the seed's
+`transforms.Resize`) into a uint8 tensor kept on the training device; folders are read lazily
+through a DataLoader. Both paths yield float batches normalised to the loss's pixel range.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import pickle
+import struct
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from vae_exp.config import ConfigError
+
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
+SPLITS = ("train", "test")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+# Where IDX files may live, relative to data.root, and absolute system folders.
+IDX_LAYOUT = {
+    "mnist": {"subdirs": ["MNIST/raw", "MNIST", "mnist", "."], "system": []},
+    "fashion_mnist": {
+        "subdirs": ["FashionMNIST/raw", "FashionMNIST", "fashion-mnist", "fashion_mnist", "."],
+        "system": ["/usr/share/datasets/fashion-mnist"],
+    },
+}
+IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+
+class DataNotFoundError(ConfigError):
+    """No files for a requested split, with the paths searched and how to fix it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes into an array of its shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConfigError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise ConfigError(
+            f"{path} is truncated or corrupt: header says shape {shape} "
+            f"({math.prod(shape)} bytes) but it holds {data.size} bytes"
+        )
+    return data.reshape(shape)
+
+
+def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def load_idx_split(name: str, root: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) and labels (N,) of one split, from files found under root or the
+    system folders; downloads with torchvision when missing and download is true. A split loads
+    whenever its own two files exist, whatever the other split's state."""
+    layout = IDX_LAYOUT[name]
+    dirs = [root / s for s in layout["subdirs"]] + [Path(p) for p in layout["system"]]
+    stems = [f"{IDX_PREFIX[split]}-images-idx3-ubyte", f"{IDX_PREFIX[split]}-labels-idx1-ubyte"]
+    found = [_find_idx(dirs, s) for s in stems]
+    download_error = ""
+    if None in found and download:
+        try:
+            _torchvision_download(name, root)
+        except Exception as e:  # network errors come in many types; report, don't crash
+            download_error = f" Download with torchvision failed: {type(e).__name__}: {e}."
+        found = [_find_idx(dirs, s) for s in stems]
+    if None in found:
+        hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion_mnist" else ""
+        raise DataNotFoundError(
+            f"data={name}: the {split} split was not found. Looked for {stems[0]}[.gz] and "
+            f"{stems[1]}[.gz] in: {', '.join(str(d) for d in dirs)}.{download_error} "
+            f"Fix: {hint}set data.root to a folder holding these files"
+            + ("" if download else ", or set data.download=true to fetch them")
+            + ", or train / validate on another split (data.train_split, data.val_split)."
+        )
+    images, labels = (read_idx(p) for p in found)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise ConfigError(f"{found[0]} and {found[1]} do not form an image/label pair")
+    return images, labels
+
+
+def _torchvision_download(name: str, root: Path) -> None:
+    from torchvision import datasets
+
+    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
+    root.mkdir(parents=True, exist_ok=True)
+    cls(str(root), train=True, download=True)
+
+
+def load_cifar10_split(root: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) and labels of a CIFAR-10 split from root/cifar-10-batches-py."""
+    folder = root / "cifar-10-batches-py"
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (folder / n).is_file()]
+    download_error = ""
+    if missing and download:
+        try:
+            from torchvision import datasets
+
+            root.mkdir(parents=True, exist_ok=True)
+            datasets.CIFAR10(str(root), train=split == "train", download=True)
+        except Exception as e:
+            download_error = f" Download with torchvision failed: {type(e).__name__}: {e}."
+        missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"data=cifar10: the {split} split was not found: {', '.join(missing)} missing in "
+            f"{folder}.{download_error} Fix: set data.root to the folder that holds "
+            "cifar-10-batches-py/"
+            + ("." if download else ", or set data.download=true to fetch it.")
+        )
+    images, labels = [], []
+    for n in names:
+        with open(folder / n, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+    return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
+
+
+def list_folder_split(root: Path, split: str, val_fraction: float) -> tuple[list[Path], list[int]]:
+    """Image files of one split of a folder, and labels from their class subfolder (sorted)."""
+    if not root.is_dir():
+        raise DataNotFoundError(f"data=folder: data.root={root} is not a directory.")
+    split_dirs = {"train": ["train"], "test": ["test", "val"]}[split]
+    split_root = next((root / d for d in split_dirs if (root / d).is_dir()), None)
+    base = split_root or root
+    files = sorted(p for p in base.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if split_root is None:  # no split folders: every k-th file validates
+        k = max(2, round(1 / val_fraction))
+        files = [p for i, p in enumerate(files) if (i % k == k - 1) == (split == "test")]
+    if not files:
+        raise DataNotFoundError(
+            f"data=folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) for the {split} split "
+            f"under {base}. Fix: point data.root at a folder of images."
+        )
+    parts = [p.relative_to(base).parts for p in files]
+    classes = sorted({q[0] for q in parts if len(q) > 1})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index.get(q[0], 0) if len(q) > 1 else 0 for q in parts]
+    return files, labels
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing images
+
+
+def to_pil(array: np.ndarray, channels: int) -> Image.Image:
+    """A PIL image in mode L (1 channel) or RGB (3 channels) from an HxW or HxWx3 uint8 array."""
+    return Image.fromarray(array).convert("L" if channels == 1 else "RGB")
+
+
+def resize_pil(image: Image.Image, size: int) -> Image.Image:
+    """Resize the shorter side to size (the seed's `transforms.Resize(size)`), then centre-crop."""
+    if image.size != (size, size):
+        image = TF.center_crop(TF.resize(image, size), size)
+    return image
+
+
+def pil_to_uint8(image: Image.Image) -> Tensor:
+    """(C, H, W) uint8 tensor of a PIL image."""
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def prepare_images(images: np.ndarray, size: int, channels: int) -> Tensor:
+    """Resize a stack of uint8 images once, as the seed's per-sample transform would: (N, C, S, S)."""
+    return torch.stack([pil_to_uint8(resize_pil(to_pil(a, channels), size)) for a in images])
+
+
+def normalize(batch: Tensor, pixel_range: tuple[float, float]) -> Tensor:
+    """uint8 images to floats: ToTensor (/255), then to [-1, 1] as Normalize(0.5, 0.5) does."""
+    x = batch.float().div(255)
+    if pixel_range == (-1.0, 1.0):
+        x = x.sub(0.5).div(0.5)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+class TensorBatches:
+    """Batches of a uint8 image tensor held on the training device, reshuffled every epoch.
+
+    The last batch may be smaller (as the seed's DataLoader with drop_last=False)."""
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        pixel_range: tuple[float, float],
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.pixel_range, self.generator = pixel_range, generator
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.images) / self.batch_size)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.images)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.images)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.generator).to(self.images.device)
+        else:
+            order = torch.arange(n, device=self.images.device)
+        for i in range(0, n, self.batch_size):
+            idx = order[i : i + self.batch_size]
+            yield normalize(self.images[idx], self.pixel_range), self.labels[idx]
+
+
+class ImageFiles(Dataset):
+    """Lazily read image files as (C, S, S) uint8 tensors."""
+
+    def __init__(self, files: list[Path], labels: list[int], size: int, channels: int) -> None:
+        self.files, self.labels, self.size, self.channels = files, labels, size, channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        with Image.open(self.files[i]) as img:
+            image = resize_pil(img.convert("L" if self.channels == 1 else "RGB"), self.size)
+        return pil_to_uint8(image), self.labels[i]
+
+
+class LoaderBatches:
+    """Batches from a DataLoader of uint8 images, moved to the device and normalised there."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool,
+        num_workers: int,
+        device: torch.device,
+        pixel_range: tuple[float, float],
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            generator=generator,
+            pin_memory=device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+        self.device, self.pixel_range = device, pixel_range
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.loader.dataset)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield normalize(images, self.pixel_range), labels.to(self.device, non_blocking=True)
+
+
+Batches = TensorBatches | LoaderBatches
+
+
+@dataclass
+class Data:
+    """The training and validation batches of one run."""
+
+    train: Batches
+    val: Batches
+
+
+def build_data(
+    cfg, pixel_range: tuple[float, float], device: torch.device, seed: int
+) -> Data:
+    """Load both splits named by `cfg` (the `data` config group) onto `device`."""
+    root = Path(str(cfg.root)).expanduser()
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    splits = {}
+    for role, split in (("train", cfg.train_split), ("val", cfg.val_split)):
+        shuffle = role == "train"
+        if cfg.name == "folder":
+            files, labels = list_folder_split(root, split, cfg.val_fraction)
+            if cfg.limit is not None:
+                files, labels = files[: cfg.limit], labels[: cfg.limit]
+            dataset = ImageFiles(files, labels, cfg.image_size, cfg.channels)
+            splits[role] = LoaderBatches(
+                dataset, cfg.batch_size, shuffle, cfg.num_workers, device, pixel_range, shuffle_gen
+            )
+            continue
+        if cfg.name == "cifar10":
+            images, labels = load_cifar10_split(root, split, cfg.download)
+        else:
+            images, labels = load_idx_split(cfg.name, root, split, cfg.download)
+        if cfg.limit is not None:
+            images, labels = images[: cfg.limit], labels[: cfg.limit]
+        tensor = prepare_images(images, cfg.image_size, cfg.channels).to(device)
+        label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
+        splits[role] = TensorBatches(
+            tensor, label_tensor, cfg.batch_size, shuffle, pixel_range, shuffle_gen
+        )
+    return Data(train=splits["train"], val=splits["val"])

@@ -1,0 +1,6 @@
+"""VAE models: one interface (`VAE`), shared conv builders, one file per model family."""
+
+from vae_exp.models.base import VAE, Posterior, VAEOutput
+from vae_exp.models.conv import ConvVAE
+
+__all__ = ["VAE", "Posterior", "VAEOutput", "ConvVAE"]

@@ -1,0 +1,91 @@
+"""The seed's convolutional VAE, built from encoder / decoder builders any conv model can share."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vae_exp.models.base import DECODER_OUTPUTS, VAE, Posterior
+
+
+def conv_encoder(in_channels: int, hidden_dims: Sequence[int]) -> nn.Sequential:
+    """One [Conv 3x3 stride 2, BatchNorm, LeakyReLU] block per entry; each halves H and W."""
+    layers: list[nn.Module] = []
+    for dim in hidden_dims:
+        layers += [nn.Conv2d(in_channels, dim, 3, 2, 1), nn.BatchNorm2d(dim), nn.LeakyReLU()]
+        in_channels = dim
+    return nn.Sequential(*layers)
+
+
+def conv_decoder(out_channels: int, hidden_dims: Sequence[int], output: str) -> nn.Sequential:
+    """The encoder's mirror: ConvTranspose blocks from hidden_dims[-1] back to hidden_dims[0],
+    one more ConvTranspose block at hidden_dims[0], then Conv 3x3 to out_channels and the output
+    layer (Tanh, or nothing for logits). Doubles H and W once per entry of hidden_dims."""
+    dims = list(reversed(hidden_dims))  # a copy: the config's list is never mutated
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(dims[:-1], dims[1:]):
+        layers += [
+            nn.ConvTranspose2d(d_in, d_out, 3, 2, 1, 1),
+            nn.BatchNorm2d(d_out),
+            nn.LeakyReLU(),
+        ]
+    last = dims[-1]
+    layers += [
+        nn.ConvTranspose2d(last, last, 3, 2, 1, 1),
+        nn.BatchNorm2d(last),
+        nn.LeakyReLU(),
+        nn.Conv2d(last, out_channels, 3, 1, 1),
+    ]
+    if output == "tanh":
+        layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class ConvVAE(VAE):
+    """Conv VAE of the seed (AntixK/PyTorch-VAE's VanillaVAE) for any image size divisible by
+    2 ** len(hidden_dims). Modules are created in the seed's order, so the same torch seed gives
+    the same initial weights."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        latent_dim: int = 128,
+        hidden_dims: Sequence[int] = (32, 64, 128, 256, 512),
+        decoder_output: str = "tanh",
+    ) -> None:
+        super().__init__()
+        hidden_dims = [int(d) for d in hidden_dims]
+        if not hidden_dims:
+            raise ValueError("model.hidden_dims must be a non-empty list of channel counts")
+        if latent_dim < 1:
+            raise ValueError(f"model.latent_dim must be >= 1, got {latent_dim}")
+        factor = 2 ** len(hidden_dims)
+        if image_size % factor:
+            raise ValueError(
+                f"data.image_size={image_size} is not divisible by 2**len(model.hidden_dims)="
+                f"{factor}; use an image size that is a multiple of {factor} or fewer hidden_dims"
+            )
+        if decoder_output not in DECODER_OUTPUTS:
+            raise ValueError(f"decoder_output must be one of {DECODER_OUTPUTS}, got {decoder_output!r}")
+        self.latent_dim = latent_dim
+        self.decoder_output = decoder_output
+        self.hidden_dims = tuple(hidden_dims)
+        self.feature_shape = (hidden_dims[-1], image_size // factor, image_size // factor)
+        features = hidden_dims[-1] * (image_size // factor) ** 2
+
+        self.encoder = conv_encoder(in_channels, hidden_dims)
+        self.fc_mu = nn.Linear(features, latent_dim)
+        self.fc_var = nn.Linear(features, latent_dim)
+        self.decoder_input = nn.Linear(latent_dim, features)
+        self.decoder = conv_decoder(in_channels, hidden_dims, decoder_output)
+
+    def encode(self, x: Tensor) -> Posterior:
+        h = torch.flatten(self.encoder(x), 1)
+        return Posterior(mu=self.fc_mu(h), log_var=self.fc_var(h))
+
+    def decode(self, z: Tensor) -> Tensor:
+        h = self.decoder_input(z).view(-1, *self.feature_shape)
+        return self.decoder(h)

@@ -1,0 +1,114 @@
+"""The run directory's files (metrics.jsonl, PNG grids) and Weights & Biases: the only module
+that knows about wandb, which is imported only when `logger=wandb`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from vae_exp.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+def image_grid(images: Tensor, nrow: int, value_range: tuple[float, float]) -> np.ndarray:
+    """A uint8 HxWxC grid of images whose values lie in value_range (clamped, not min-max
+    stretched, so grids of different epochs are comparable)."""
+    lo, hi = value_range
+    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    grid = make_grid(x, nrow=nrow, padding=2, pad_value=1.0)
+    array = grid.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return array[:, :, 0] if images.shape[1] == 1 else array  # make_grid makes grey RGB
+
+
+def wandb_credentials_found() -> bool:
+    """True when WANDB_API_KEY is set or a netrc file has an entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(path).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(configured: str) -> str | None:
+    """The mode to pass to wandb.init: None when WANDB_MODE is set (it wins), else the
+    configured one, with auto = online if credentials exist, otherwise offline."""
+    if os.environ.get("WANDB_MODE"):
+        return None
+    if configured != "auto":
+        return configured
+    return "online" if wandb_credentials_found() else "offline"
+
+
+class Tracker:
+    """Writes metrics and image grids of one run to its directory and, optionally, to W&B."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], logger: LoggerConfig) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.logger = logger
+        self.wandb_run = None
+        if logger.name == "wandb":
+            import wandb
+
+            self.wandb = wandb
+            mode = wandb_mode(logger.mode)
+            self.wandb_run = wandb.init(
+                project=logger.project,
+                entity=logger.entity,
+                group=logger.group,
+                tags=list(logger.tags),
+                job_type="train",
+                config=config,
+                dir=str(run_dir),
+                mode=mode,
+                reinit="finish_previous",  # never silently reuse an earlier run
+                settings=wandb.Settings(console="off"),
+            )
+            if (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
+                log.info(
+                    "W&B is offline (no credentials, or mode offline); upload this run later "
+                    "with: wandb sync %s", Path(self.wandb_run.dir).parent,
+                )
+
+    def log_step(self, step: int, metrics: dict[str, float]) -> None:
+        """Per-step training metrics (W&B only; the run directory keeps per-epoch ones)."""
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, and the same values in W&B."""
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def log_image(self, step: int, epoch: int, name: str, grid: np.ndarray) -> Path:
+        """Save `grid` as <run_dir>/<name>/epoch_NNN.png and log it to W&B as `name`."""
+        path = self.run_dir / name / f"epoch_{epoch:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        if self.wandb_run is not None and self.logger.log_images:
+            image = self.wandb.Image(grid, caption=f"epoch {epoch}")
+            self.wandb_run.log({name: image}, step=step)
+        return path
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the W&B run (marked failed when exit_code is non-zero)."""
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=exit_code)
+            self.wandb_run = None
