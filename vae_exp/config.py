@@ -77,8 +77,11 @@ def _read(cls: type, section: Mapping, prefix: str) -> Any:
             f"Invalid config: unknown key {prefix}.{unknown[0]}; the keys of {prefix} are "
             f"{', '.join(fields)}."
         )
-    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-                and f.default_factory is dataclasses.MISSING]
+    required = [
+        n
+        for n, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if n not in section]
     if missing:
         raise ConfigError(f"Invalid config: {prefix}.{missing[0]} is missing.")
@@ -99,23 +102,47 @@ def read_data(section: Mapping) -> DataConfig:
 
     d = _read(DataConfig, section, "data")
     _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
-    _check(_is_int(d.image_size) and d.image_size >= 1, "data.image_size", d.image_size,
-           "an integer >= 1")
+    _check(
+        _is_int(d.image_size) and d.image_size >= 1,
+        "data.image_size",
+        d.image_size,
+        "an integer >= 1",
+    )
     _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
-    _check(_is_int(d.batch_size) and d.batch_size >= 1, "data.batch_size", d.batch_size,
-           "an integer >= 1")
-    _check(_is_int(d.num_workers) and d.num_workers >= 0, "data.num_workers", d.num_workers,
-           "an integer >= 0")
+    _check(
+        _is_int(d.batch_size) and d.batch_size >= 1,
+        "data.batch_size",
+        d.batch_size,
+        "an integer >= 1",
+    )
+    _check(
+        _is_int(d.num_workers) and d.num_workers >= 0,
+        "data.num_workers",
+        d.num_workers,
+        "an integer >= 0",
+    )
     _check(isinstance(d.download, bool), "data.download", d.download, "true or false")
-    _check(d.limit is None or (_is_int(d.limit) and d.limit >= 1), "data.limit", d.limit,
-           "null (all images) or an integer >= 1")
+    _check(
+        d.limit is None or (_is_int(d.limit) and d.limit >= 1),
+        "data.limit",
+        d.limit,
+        "null (all images) or an integer >= 1",
+    )
     _check(d.train_split in SPLITS, "data.train_split", d.train_split, " | ".join(SPLITS))
     _check(d.val_split in SPLITS, "data.val_split", d.val_split, " | ".join(SPLITS))
     if d.name == "folder":
-        _check(d.download is False, "data.download", d.download,
-               "false (a folder of images cannot be downloaded)")
-        _check(isinstance(d.val_fraction, float | int) and 0 < d.val_fraction <= 0.5,
-               "data.val_fraction", d.val_fraction, "a number in (0, 0.5]")
+        _check(
+            d.download is False,
+            "data.download",
+            d.download,
+            "false (a folder of images cannot be downloaded)",
+        )
+        _check(
+            isinstance(d.val_fraction, float | int) and 0 < d.val_fraction <= 0.5,
+            "data.val_fraction",
+            d.val_fraction,
+            "a number in (0, 0.5]",
+        )
     return d
 
 
@@ -124,21 +151,41 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 def read_trainer(section: Mapping) -> TrainerConfig:
     checkpoint = section.get("checkpoint")
-    _check(isinstance(checkpoint, Mapping), "trainer.checkpoint", checkpoint,
-           "a mapping with save_last and save_best")
+    _check(
+        isinstance(checkpoint, Mapping),
+        "trainer.checkpoint",
+        checkpoint,
+        "a mapping with save_last and save_best",
+    )
     checkpoint = _read(CheckpointConfig, checkpoint, "trainer.checkpoint")
     t = _read(TrainerConfig, {**section, "checkpoint": checkpoint}, "trainer")
     _check(_is_int(t.epochs) and t.epochs >= 1, "trainer.epochs", t.epochs, "an integer >= 1")
-    _check(isinstance(t.device, str) and DEVICE_PATTERN.fullmatch(t.device) is not None,
-           "trainer.device", t.device, "auto | cpu | cuda | cuda:N | mps")
+    _check(
+        isinstance(t.device, str) and DEVICE_PATTERN.fullmatch(t.device) is not None,
+        "trainer.device",
+        t.device,
+        "auto | cpu | cuda | cuda:N | mps",
+    )
     _check(_is_int(t.seed), "trainer.seed", t.seed, "an integer")
-    _check(_is_int(t.log_every) and t.log_every >= 1, "trainer.log_every", t.log_every,
-           "an integer >= 1")
+    _check(
+        _is_int(t.log_every) and t.log_every >= 1,
+        "trainer.log_every",
+        t.log_every,
+        "an integer >= 1",
+    )
     _check(isinstance(t.progress, bool), "trainer.progress", t.progress, "true or false")
-    _check(_is_int(t.sample_grid) and t.sample_grid >= 1, "trainer.sample_grid", t.sample_grid,
-           "an integer >= 1")
-    _check(_is_int(t.num_reconstructions) and t.num_reconstructions >= 1,
-           "trainer.num_reconstructions", t.num_reconstructions, "an integer >= 1")
+    _check(
+        _is_int(t.sample_grid) and t.sample_grid >= 1,
+        "trainer.sample_grid",
+        t.sample_grid,
+        "an integer >= 1",
+    )
+    _check(
+        _is_int(t.num_reconstructions) and t.num_reconstructions >= 1,
+        "trainer.num_reconstructions",
+        t.num_reconstructions,
+        "an integer >= 1",
+    )
     for key in ("save_last", "save_best"):
         value = getattr(t.checkpoint, key)
         _check(isinstance(value, bool), f"trainer.checkpoint.{key}", value, "true or false")
@@ -154,7 +201,9 @@ def read_logger(section: Mapping) -> LoggerConfig:
     _check(name in LOGGERS, "logger.name", name, " | ".join(LOGGERS))
     if name == "none" and len(section) > 1:
         extra = sorted(set(section) - {"name"})[0]
-        raise ConfigError(f"Invalid config: unknown key logger.{extra}; logger=none has no options.")
+        raise ConfigError(
+            f"Invalid config: unknown key logger.{extra}; logger=none has no options."
+        )
     lg = _read(LoggerConfig, section, "logger")
     _check(lg.mode in WANDB_MODES, "logger.mode", lg.mode, " | ".join(WANDB_MODES))
     return lg
@@ -169,7 +218,7 @@ def instantiate_checked(section: DictConfig, key: str, **kwargs: Any) -> Any:
         return instantiate(section, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__ or e
-        raise ConfigError(f"Invalid config: {key}: {cause}") from e
+        raise ConfigError(f"Invalid config for {key}: {cause}") from e
 
 
 def check_optimizer(section: DictConfig) -> None:
@@ -177,5 +226,6 @@ def check_optimizer(section: DictConfig) -> None:
     lr = section.optimizer.get("lr")
     _check(isinstance(lr, float | int) and lr > 0, "optim.optimizer.lr", lr, "a number > 0")
     wd = section.optimizer.get("weight_decay", 0.0)
-    _check(isinstance(wd, float | int) and wd >= 0, "optim.optimizer.weight_decay", wd,
-           "a number >= 0")
+    _check(
+        isinstance(wd, float | int) and wd >= 0, "optim.optimizer.weight_decay", wd, "a number >= 0"
+    )

@@ -65,6 +65,11 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(shape)
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line (torchvision's download errors span many)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
     for d in dirs:
         for name in (stem, stem + ".gz"):
@@ -73,7 +78,9 @@ def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
     return None
 
 
-def load_idx_split(name: str, root: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
+def load_idx_split(
+    name: str, root: Path, split: str, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (N, 28, 28) and labels (N,) of one split, from files found under root or the
     system folders; downloads with torchvision when missing and download is true. A split loads
     whenever its own two files exist, whatever the other split's state."""
@@ -86,7 +93,7 @@ def load_idx_split(name: str, root: Path, split: str, download: bool) -> tuple[n
         try:
             _torchvision_download(name, root)
         except Exception as e:  # network errors come in many types; report, don't crash
-            download_error = f" Download with torchvision failed: {type(e).__name__}: {e}."
+            download_error = f" Download with torchvision failed: {one_line(e)}."
         found = [_find_idx(dirs, s) for s in stems]
     if None in found:
         hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion_mnist" else ""
@@ -124,7 +131,7 @@ def load_cifar10_split(root: Path, split: str, download: bool) -> tuple[np.ndarr
             root.mkdir(parents=True, exist_ok=True)
             datasets.CIFAR10(str(root), train=split == "train", download=True)
         except Exception as e:
-            download_error = f" Download with torchvision failed: {type(e).__name__}: {e}."
+            download_error = f" Download with torchvision failed: {one_line(e)}."
         missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataNotFoundError(
@@ -190,7 +197,7 @@ def pil_to_uint8(image: Image.Image) -> Tensor:
 
 
 def prepare_images(images: np.ndarray, size: int, channels: int) -> Tensor:
-    """Resize a stack of uint8 images once, as the seed's per-sample transform would: (N, C, S, S)."""
+    """Resize uint8 images once, as the seed's per-sample transform would: (N, C, S, S)."""
     return torch.stack([pil_to_uint8(resize_pil(to_pil(a, channels), size)) for a in images])
 
 
@@ -305,9 +312,7 @@ class Data:
     val: Batches
 
 
-def build_data(
-    cfg, pixel_range: tuple[float, float], device: torch.device, seed: int
-) -> Data:
+def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed: int) -> Data:
     """Load both splits named by `cfg` (the `data` config group) onto `device`."""
     root = Path(str(cfg.root)).expanduser()
     shuffle_gen = torch.Generator().manual_seed(seed)

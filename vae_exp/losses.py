@@ -40,7 +40,12 @@ class VAELoss:
         recon = self.reconstruction(out.recon, x)
         kld = gaussian_kld(out.mu, out.log_var).mean()
         weighted_kld = self.w * kld
-        return {"loss": recon + weighted_kld, "recon": recon, "kld": kld, "weighted_kld": weighted_kld}
+        return {
+            "loss": recon + weighted_kld,
+            "recon": recon,
+            "kld": kld,
+            "weighted_kld": weighted_kld,
+        }
 
 
 class MSEKLD(VAELoss):

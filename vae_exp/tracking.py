@@ -82,7 +82,8 @@ class Tracker:
             if (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
                 log.info(
                     "W&B is offline (no credentials, or mode offline); upload this run later "
-                    "with: wandb sync %s", Path(self.wandb_run.dir).parent,
+                    "with: wandb sync %s",
+                    Path(self.wandb_run.dir).parent,
                 )
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
@@ -91,11 +92,14 @@ class Tracker:
             self.wandb_run.log(metrics, step=step)
 
     def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
-        """One line of metrics.jsonl, and the same values in W&B."""
+        """One line of metrics.jsonl, and the same values in W&B, where the epoch means of
+        the training terms are named train_epoch/* (W&B's train/* is the per-step series,
+        and a value logged at the same step would overwrite it)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+            renamed = {k.replace("train/", "train_epoch/", 1): v for k, v in metrics.items()}
+            self.wandb_run.log(renamed, step=step)
 
     def log_image(self, step: int, epoch: int, name: str, grid: np.ndarray) -> Path:
         """Save `grid` as <run_dir>/<name>/epoch_NNN.png and log it to W&B as `name`."""

@@ -138,8 +138,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s: %.2fM parameters on %s; %d train / %d val images; outputs in %s",
-        type(model).__name__, n_params / 1e6, device, data.train.num_examples,
-        data.val.num_examples, run_dir,
+        type(model).__name__,
+        n_params / 1e6,
+        device,
+        data.train.num_examples,
+        data.val.num_examples,
+        run_dir,
     )
 
     # 2. Fixed inputs for the picture grids, so every epoch's grids are comparable.
@@ -152,8 +156,12 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     try:
         for epoch in range(1, trainer.epochs + 1):
             start = time.perf_counter()
-            bar = tqdm(total=len(data.train), desc=f"Epoch {epoch}/{trainer.epochs}",
-                       disable=not trainer.progress, dynamic_ncols=True)
+            bar = tqdm(
+                total=len(data.train),
+                desc=f"Epoch {epoch}/{trainer.epochs}",
+                disable=not trainer.progress,
+                dynamic_ncols=True,
+            )
             with bar:
                 train_terms, step = train_epoch(
                     model, loss_fn, optimizer, data.train, tracker, step, trainer.log_every, bar
@@ -175,8 +183,14 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
             log.info(
                 "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
                 "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
-                epoch, trainer.epochs, train_terms["loss"], train_terms["recon"],
-                train_terms["kld"], val_terms["loss"], val_terms["recon"], val_terms["kld"],
+                epoch,
+                trainer.epochs,
+                train_terms["loss"],
+                train_terms["recon"],
+                train_terms["kld"],
+                val_terms["loss"],
+                val_terms["recon"],
+                val_terms["kld"],
                 seconds,
             )
 
@@ -187,10 +201,15 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                 samples = model.to_image(model.decode(fixed_z))
                 recons = model.to_image(model.decode(model.encode(fixed_x).mu))
             value_range = loss_fn.pixel_range
-            tracker.log_image(step, epoch, "samples",
-                              image_grid(samples, trainer.sample_grid, value_range))
-            tracker.log_image(step, epoch, "reconstructions",
-                              image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range))
+            tracker.log_image(
+                step, epoch, "samples", image_grid(samples, trainer.sample_grid, value_range)
+            )
+            tracker.log_image(
+                step,
+                epoch,
+                "reconstructions",
+                image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range),
+            )
 
             state = {
                 "model": model.state_dict(),

@@ -10,6 +10,10 @@ from torch import Tensor, nn
 from vae_exp.models.base import DECODER_OUTPUTS, VAE, Posterior
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def conv_encoder(in_channels: int, hidden_dims: Sequence[int]) -> nn.Sequential:
     """One [Conv 3x3 stride 2, BatchNorm, LeakyReLU] block per entry; each halves H and W."""
     layers: list[nn.Module] = []
@@ -57,11 +61,13 @@ class ConvVAE(VAE):
         decoder_output: str = "tanh",
     ) -> None:
         super().__init__()
-        hidden_dims = [int(d) for d in hidden_dims]
-        if not hidden_dims:
-            raise ValueError("model.hidden_dims must be a non-empty list of channel counts")
-        if latent_dim < 1:
-            raise ValueError(f"model.latent_dim must be >= 1, got {latent_dim}")
+        hidden_dims = list(hidden_dims)
+        if not hidden_dims or not all(_is_count(d) for d in hidden_dims):
+            raise ValueError(
+                f"model.hidden_dims={hidden_dims} must be a non-empty list of integers >= 1"
+            )
+        if not _is_count(latent_dim):
+            raise ValueError(f"model.latent_dim={latent_dim!r} must be an integer >= 1")
         factor = 2 ** len(hidden_dims)
         if image_size % factor:
             raise ValueError(
@@ -69,7 +75,9 @@ class ConvVAE(VAE):
                 f"{factor}; use an image size that is a multiple of {factor} or fewer hidden_dims"
             )
         if decoder_output not in DECODER_OUTPUTS:
-            raise ValueError(f"decoder_output must be one of {DECODER_OUTPUTS}, got {decoder_output!r}")
+            raise ValueError(
+                f"decoder_output={decoder_output!r}; allowed: {' | '.join(DECODER_OUTPUTS)}"
+            )
         self.latent_dim = latent_dim
         self.decoder_output = decoder_output
         self.hidden_dims = tuple(hidden_dims)

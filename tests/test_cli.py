@@ -1,0 +1,168 @@
+"""`python -m vae_exp` for real, in subprocesses, on the real MNIST test images."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from tests import wandb_records
+from tests.conftest import TINY, run_cli
+from vae_exp.checkpoint import load_checkpoint
+from vae_exp.config import read_data
+from vae_exp.data import build_data
+from vae_exp.train import build_model, validate
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_picture(path: Path) -> np.ndarray:
+    image = np.asarray(Image.open(path), dtype=np.float64)
+    assert image.std() > 5, f"{path} is (nearly) constant"
+    assert image.max() > 100, f"{path} is (nearly) black"
+    return image
+
+
+def test_train_end_to_end(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli([*TINY, "logger=none", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "epoch 1/2" in log and "epoch 2/2" in log and "val loss" in log
+
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert metrics[1]["train/loss"] < metrics[0]["train/loss"]
+    assert metrics[1]["val/loss"] < metrics[0]["val/loss"]
+    for m in metrics:
+        assert m["train/kld"] > 0 and m["val/kld"] > 0
+        assert m["train/loss"] == pytest.approx(
+            m["train/recon"] + m["train/weighted_kld"], rel=1e-5
+        )
+        assert m["val/weighted_kld"] == pytest.approx(0.00025 * m["val/kld"], rel=1e-5)
+
+    for epoch in (1, 2):
+        samples = assert_picture(run_dir / "samples" / f"epoch_{epoch:03d}.png")
+        assert samples.shape == (5 * 32 + 6 * 2,) * 2  # 5x5 grid of 32x32, 2px padding
+    recon = assert_picture(run_dir / "reconstructions" / "epoch_002.png")
+    assert recon.shape == (2 * 32 + 3 * 2, 8 * 32 + 9 * 2)
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert (run_dir / "vae_exp.log").read_text().count("val loss") == 2
+
+    # the best checkpoint reloads and reproduces the validation loss it was saved with
+    state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
+    last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert last["epoch"] == 2 and state["metrics"] in metrics
+    cfg = OmegaConf.create(state["config"])
+    loss_fn = instantiate(cfg.loss)
+    model = build_model(cfg, loss_fn)
+    model.load_state_dict(state["model"])
+    data = build_data(read_data(cfg.data), loss_fn.pixel_range, torch.device("cpu"), 0)
+    val = validate(model, loss_fn, data.val, cfg.trainer.seed)
+    assert val["loss"] == pytest.approx(state["metrics"]["val/loss"], rel=1e-6)
+    assert state["metrics"]["val/loss"] == min(m["val/loss"] for m in metrics)
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_wandb_offline_run_is_complete(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    # no WANDB_MODE and no credentials (empty HOME): mode auto must choose offline and say so
+    result = run_cli(
+        [*TINY, "trainer.progress=true", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={"HOME": str(tmp_path), "NETRC": str(tmp_path / "none")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "wandb sync" in log
+    assert "loss=" in log  # tqdm's running loss
+
+    [run_file] = offline_runs(run_dir)
+    records = wandb_records.read_records(run_file)
+    assert wandb_records.exit_code(records) == 0
+    config = wandb_records.config(records)
+    assert config["model"]["latent_dim"] == 8 and config["loss"]["w"] == 0.00025
+    assert config["data"]["root"] == str(mnist_root)
+
+    rows = wandb_records.history(records)
+    train_rows = [r for r in rows if "train/loss" in r]
+    epoch_rows = [r for r in rows if "val/loss" in r]
+    # 4 steps an epoch logged every 2 steps, 2 epochs: steps 2, 4, 6, 8
+    assert [r["_step"] for r in train_rows] == [2, 4, 6, 8]
+    assert {"train/recon", "train/kld", "train/weighted_kld"} <= set(train_rows[0])
+    assert [r["epoch"] for r in epoch_rows] == [1, 2]
+    keys = {"val/recon", "val/kld", "val/weighted_kld", "train_epoch/loss", "train_epoch/kld"}
+    assert keys <= set(epoch_rows[0])
+    metrics = read_metrics(run_dir)
+    assert epoch_rows[-1]["val/loss"] == pytest.approx(metrics[-1]["val/loss"])
+    assert epoch_rows[-1]["train_epoch/loss"] == pytest.approx(metrics[-1]["train/loss"])
+
+    for name in ("samples", "reconstructions"):
+        image_rows = [r for r in rows if f"{name}/path" in r]
+        assert [r["epoch"] for r in image_rows] == [1, 2]
+        for row in image_rows:
+            assert row[f"{name}/_type"] == "image-file"
+            assert_picture(run_file.parent / "files" / row[f"{name}/path"])
+    assert len(list(run_file.parent.glob("files/media/images/*.png"))) == 4
+
+
+def test_wandb_mode_env_wins(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [*TINY, "trainer.epochs=1", "logger.mode=offline", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert offline_runs(run_dir) == []
+    assert len(read_metrics(run_dir)) == 1
+
+
+def test_multirun_sweep(mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "--multirun",
+            *TINY,
+            "trainer.epochs=1",
+            "model.latent_dim=4,8",
+            "loss.w=1e-4,1e-3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen, run_ids = set(), set()
+    for job in jobs:
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+        seen.add((cfg.model.latent_dim, cfg.loss.w))
+        assert len(read_metrics(job)) == 1
+        assert (job / "checkpoints" / "last.pt").is_file()
+        assert (job / "samples" / "epoch_001.png").is_file()
+        [run_file] = offline_runs(job)
+        run_ids.add(wandb_records.run_info(wandb_records.read_records(run_file)).run_id)
+    assert seen == {(4, 1e-4), (4, 1e-3), (8, 1e-4), (8, 1e-3)}
+    assert len(run_ids) == 4
+
+
+def test_sweeps_land_under_multirun():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True)
+    assert cfg.hydra.sweep.dir.startswith("multirun/")
+    assert cfg.hydra.run.dir.startswith("outputs/")

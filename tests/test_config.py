@@ -1,0 +1,108 @@
+"""Every option of every config group composes with Hydra and builds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.conftest import CONF, compose_cfg
+from vae_exp.config import ConfigError, read_data, read_logger, read_trainer
+from vae_exp.train import build_model, build_optimizer
+
+GROUPS = ["model", "data", "optim", "loss", "trainer", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_options():
+    assert options("data") == ["cifar10", "fashion_mnist", "folder", "mnist"]
+    assert options("optim") == ["adam", "adamw", "sgd"]
+    assert options("loss") == ["bce_kld", "mse_kld"]
+    assert options("logger") == ["none", "wandb"]
+    assert sorted(p.stem for p in (CONF / "optim" / "scheduler").glob("*.yaml")) == [
+        "cosine",
+        "step",
+    ]
+
+
+CASES = [(g, o) for g in GROUPS for o in options(g)] + [
+    ("optim/scheduler", "cosine"),
+    ("optim/scheduler", "step"),
+]
+
+
+@pytest.mark.parametrize(("group", "option"), CASES, ids=[f"{g}={o}" for g, o in CASES])
+def test_option_composes_and_builds(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option == "folder":
+        overrides.append(f"data.root={tmp_path}")
+    cfg = compose_cfg(overrides)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert OmegaConf.missing_keys(cfg) == set()
+    data = read_data(cfg.data)
+    read_trainer(cfg.trainer)
+    read_logger(cfg.logger)
+    loss_fn = instantiate(cfg.loss)
+    model = build_model(cfg, loss_fn)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    x = torch.zeros(2, data.channels, data.image_size, data.image_size)
+    out = model(x)
+    assert out.recon.shape == x.shape
+    assert set(loss_fn(out, x)) == {"loss", "recon", "kld", "weighted_kld"}
+    assert (scheduler is not None) == (group == "optim/scheduler")
+    assert optimizer.param_groups[0]["lr"] > 0
+
+
+def test_overrides_change_just_those_keys():
+    base = OmegaConf.to_container(compose_cfg(), resolve=True)
+    changed = OmegaConf.to_container(
+        compose_cfg(["model.latent_dim=64", "loss.w=1e-3"]), resolve=True
+    )
+    assert changed["model"]["latent_dim"] == 64 and changed["loss"]["w"] == 1e-3
+    changed["model"]["latent_dim"], changed["loss"]["w"] = 128, 0.00025
+    assert changed == base
+
+
+def test_model_follows_the_data_config():
+    cfg = compose_cfg(["data=cifar10"])
+    assert cfg.model.in_channels == 3 and cfg.model.image_size == 32
+    cfg = compose_cfg(["data.image_size=64"])
+    assert cfg.model.image_size == 64
+
+
+def test_bce_loss_gets_a_logit_decoder_and_unit_range():
+    cfg = compose_cfg(["loss=bce_kld"])
+    loss_fn = instantiate(cfg.loss)
+    model = build_model(cfg, loss_fn)
+    assert model.decoder_output == "logits" and loss_fn.pixel_range == (0.0, 1.0)
+    assert not isinstance(model.decoder[-1], torch.nn.Tanh)
+
+
+@pytest.mark.parametrize(
+    ("section", "override", "message"),
+    [
+        ("data", "+data.colour=red", "unknown key data.colour"),
+        ("data", "data.channels=2", "data.channels=2"),
+        ("data", "data.train_split=val", "data.train_split='val'"),
+        ("data", "data.limit=0", "data.limit=0"),
+        ("trainer", "trainer.epochs=0", "trainer.epochs=0"),
+        ("trainer", "trainer.device=gpu", "trainer.device='gpu'"),
+        ("trainer", "+trainer.checkpoint.every=3", "unknown key trainer.checkpoint.every"),
+        ("logger", "logger.mode=sometimes", "logger.mode='sometimes'"),
+    ],
+)
+def test_bad_values_name_the_key(section, override, message):
+    cfg = compose_cfg([override])
+    reader = {"data": read_data, "trainer": read_trainer, "logger": read_logger}[section]
+    with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
+        reader(cfg[section])
+
+
+def test_folder_cannot_download(tmp_path: Path):
+    cfg = compose_cfg(["data=folder", f"data.root={tmp_path}", "data.download=true"])
+    with pytest.raises(ConfigError, match="data.download"):
+        read_data(cfg.data)

@@ -1,0 +1,115 @@
+"""Reading the real IDX files, split handling, folders of images, and batching."""
+
+import gzip
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vae_exp.config import ConfigError
+from vae_exp.data import (
+    DataNotFoundError,
+    ImageFiles,
+    TensorBatches,
+    list_folder_split,
+    load_idx_split,
+    prepare_images,
+    read_idx,
+)
+
+
+def test_real_mnist_test_split(mnist_root):
+    raw = mnist_root / "MNIST" / "raw"
+    digest = hashlib.md5((raw / "t10k-images-idx3-ubyte.gz").read_bytes()).hexdigest()
+    assert digest == "9fb629c4189551a2d022fa330f9573f3"  # torchvision's MNIST resource md5
+    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    assert images.shape == (10_000, 28, 28) and images.dtype == np.uint8
+    assert sorted(set(labels.tolist())) == list(range(10))
+    assert 20 < images.mean() < 50  # real digits: mostly black background
+
+
+def test_a_split_loads_without_the_other_and_a_missing_one_explains(mnist_root):
+    # ../shared/data has only the test split: it must load, and train must fail clearly
+    assert len(load_idx_split("mnist", mnist_root, "test", download=False)[0]) == 10_000
+    with pytest.raises(DataNotFoundError) as info:
+        load_idx_split("mnist", mnist_root, "train", download=False)
+    message = str(info.value)
+    assert "train-images-idx3-ubyte" in message and str(mnist_root / "MNIST" / "raw") in message
+    assert "data.root" in message and "data.download=true" in message
+    assert "\n" not in message
+
+
+def test_raw_and_gzipped_files_read_the_same(mnist_root, tmp_path):
+    gz = mnist_root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte.gz"
+    raw = tmp_path / "t10k-labels-idx1-ubyte"
+    raw.write_bytes(gzip.decompress(gz.read_bytes()))
+    assert np.array_equal(read_idx(gz), read_idx(raw))
+
+
+def test_truncated_idx_file_is_named(mnist_root, tmp_path):
+    data = gzip.decompress(
+        (mnist_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    )
+    bad = tmp_path / "t10k-images-idx3-ubyte"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte is truncated"):
+        read_idx(bad)
+
+
+def test_fashion_mnist_from_debian(fashion_dir, tmp_path):
+    # nothing under root: the system folder is found
+    train, train_labels = load_idx_split("fashion_mnist", tmp_path, "train", download=False)
+    test, _ = load_idx_split("fashion_mnist", tmp_path, "test", download=False)
+    assert train.shape == (60_000, 28, 28) and test.shape == (10_000, 28, 28)
+    assert sorted(set(train_labels.tolist())) == list(range(10))
+
+
+def write_pngs(folder, images, labels):
+    for i, (a, y) in enumerate(zip(images, labels)):
+        (folder / f"class_{y}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(folder / f"class_{y}" / f"{i:04d}.png")
+
+
+def test_folder_of_real_images(mnist_root, tmp_path):
+    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    write_pngs(tmp_path, images[:40], labels[:40])
+    train_files, train_labels = list_folder_split(tmp_path, "train", val_fraction=0.1)
+    val_files, _ = list_folder_split(tmp_path, "test", val_fraction=0.1)
+    assert len(train_files) == 36 and len(val_files) == 4
+    assert not set(train_files) & set(val_files)
+    files = ImageFiles(train_files, train_labels, size=32, channels=1)
+    x, y = files[0]
+    index = int(train_files[0].stem)
+    assert torch.equal(x, prepare_images(images[index : index + 1], 32, 1)[0])
+    assert y == sorted({f"class_{v}" for v in labels[:40]}).index(train_files[0].parent.name)
+    rgb, _ = ImageFiles(train_files, train_labels, size=16, channels=3)[0]
+    assert rgb.shape == (3, 16, 16)
+
+
+def test_folder_with_split_subfolders(mnist_root, tmp_path):
+    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    write_pngs(tmp_path / "train", images[:10], labels[:10])
+    write_pngs(tmp_path / "val", images[10:13], labels[10:13])
+    assert len(list_folder_split(tmp_path, "train", 0.1)[0]) == 10
+    assert len(list_folder_split(tmp_path, "test", 0.1)[0]) == 3
+    shutil.rmtree(tmp_path / "val")
+    (tmp_path / "val").mkdir()
+    with pytest.raises(DataNotFoundError, match="no images"):
+        list_folder_split(tmp_path, "test", 0.1)
+
+
+def test_batches_cover_every_image_once_reshuffled_each_epoch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2).clone()
+    labels = torch.arange(10)
+    batches = TensorBatches(images, labels, 4, True, (0.0, 1.0), torch.Generator().manual_seed(0))
+    assert len(batches) == 3
+    epochs = [[y for _, ys in batches for y in ys.tolist()] for _ in range(2)]
+    assert [sorted(e) for e in epochs] == [list(range(10))] * 2
+    assert epochs[0] != epochs[1]
+    sizes = [len(x) for x, _ in batches]
+    assert sizes == [4, 4, 2]
+    x, y = next(iter(batches))
+    assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)
