@@ -166,3 +166,44 @@ def test_sweeps_land_under_multirun():
         cfg = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.sweep.dir.startswith("multirun/")
     assert cfg.hydra.run.dir.startswith("outputs/")
+
+
+def test_folder_data_end_to_end_and_a_failed_run_is_marked_failed(mnist_root, tmp_path):
+    from tests.test_data import write_pngs
+    from vae_exp.data import load_idx_split
+
+    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    folder = tmp_path / "digits"
+    write_pngs(folder / "train", images[:96], labels[:96])
+    write_pngs(folder / "test", images[96:128], labels[96:128])
+    args = [
+        *TINY,
+        "data=folder",
+        f"data.root={folder}",
+        "data.channels=1",
+        "data.image_size=32",
+        "data.num_workers=1",
+        "data.train_split=train",
+        "trainer.epochs=1",
+    ]
+
+    good = run_cli(
+        [*args, f"hydra.run.dir={tmp_path / 'good'}"], cwd=tmp_path, env={"WANDB_MODE": "offline"}
+    )
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert read_metrics(tmp_path / "good")[0]["val/loss"] > 0
+    assert "96 train / 32 val images" in good.stdout + good.stderr
+    [run_file] = offline_runs(tmp_path / "good")
+    assert wandb_records.exit_code(wandb_records.read_records(run_file)) == 0
+
+    # a training image that is not an image: the run fails mid-epoch, W&B records the failure
+    broken = sorted((folder / "train").rglob("*.png"))[40]
+    broken.write_bytes(b"not a png")
+    bad = run_cli(
+        [*args, f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path, env={"WANDB_MODE": "offline"}
+    )
+    assert bad.returncode != 0
+    assert broken.name in bad.stdout + bad.stderr
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    [run_file] = offline_runs(tmp_path / "bad")
+    assert wandb_records.exit_code(wandb_records.read_records(run_file)) == 1

@@ -113,3 +113,30 @@ def test_batches_cover_every_image_once_reshuffled_each_epoch():
     assert sizes == [4, 4, 2]
     x, y = next(iter(batches))
     assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)
+
+
+def test_device_resident_and_dataloader_paths_give_the_same_batches(mnist_root, tmp_path):
+    from tests.conftest import compose_cfg
+    from vae_exp.config import read_data
+    from vae_exp.data import LoaderBatches, build_data
+
+    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    write_pngs(tmp_path, images[:60], labels[:60])
+    batches = {}
+    for resident in (True, False):
+        cfg = compose_cfg(
+            [
+                "data=folder",
+                f"data.root={tmp_path}",
+                "data.channels=1",
+                "data.image_size=32",
+                "data.batch_size=8",
+                "data.num_workers=0",
+                f"data.device_resident={resident}",
+            ]
+        )
+        data = build_data(read_data(cfg.data), (-1.0, 1.0), torch.device("cpu"), seed=0)
+        assert isinstance(data.train, LoaderBatches) != resident
+        assert data.train.num_examples == 57 and data.val.num_examples == 3  # every 20th
+        batches[resident] = [x for x, _ in data.val]
+    assert all(torch.equal(a, b) for a, b in zip(batches[True], batches[False], strict=True))

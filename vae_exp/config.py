@@ -32,6 +32,7 @@ class DataConfig:
     limit: int | None
     train_split: str
     val_split: str
+    device_resident: bool | str
     val_fraction: float = 0.05  # folder only
 
 
@@ -130,6 +131,12 @@ def read_data(section: Mapping) -> DataConfig:
     )
     _check(d.train_split in SPLITS, "data.train_split", d.train_split, " | ".join(SPLITS))
     _check(d.val_split in SPLITS, "data.val_split", d.val_split, " | ".join(SPLITS))
+    _check(
+        d.device_resident in ("auto", True, False),
+        "data.device_resident",
+        d.device_resident,
+        "auto | true | false",
+    )
     if d.name == "folder":
         _check(
             d.download is False,

@@ -8,6 +8,7 @@ through a DataLoader. Both paths yield float batches normalised to the loss's pi
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import pickle
 import struct
@@ -20,7 +21,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from vae_exp.config import ConfigError
 
@@ -37,6 +38,8 @@ IDX_LAYOUT = {
     },
 }
 IDX_PREFIX = {"train": "train", "test": "t10k"}
+
+log = logging.getLogger(__name__)
 
 
 class DataNotFoundError(ConfigError):
@@ -313,30 +316,56 @@ class Data:
 
 
 def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed: int) -> Data:
-    """Load both splits named by `cfg` (the `data` config group) onto `device`."""
+    """Load both splits named by `cfg` (a `DataConfig`) for training on `device`.
+
+    With `device_resident` (auto: every dataset but `folder`) a split is decoded and resized
+    once and batched from a tensor on `device`; otherwise a DataLoader with `num_workers`
+    reads it."""
     root = Path(str(cfg.root)).expanduser()
+    resident = cfg.device_resident if cfg.device_resident != "auto" else cfg.name != "folder"
+    if resident and cfg.num_workers > 0:
+        log.info("data.num_workers=%d is unused: the data is device-resident", cfg.num_workers)
     shuffle_gen = torch.Generator().manual_seed(seed)
-    splits = {}
+    splits: dict[str, Batches] = {}
     for role, split in (("train", cfg.train_split), ("val", cfg.val_split)):
+        dataset = load_split(cfg, root, split)
         shuffle = role == "train"
-        if cfg.name == "folder":
-            files, labels = list_folder_split(root, split, cfg.val_fraction)
-            if cfg.limit is not None:
-                files, labels = files[: cfg.limit], labels[: cfg.limit]
-            dataset = ImageFiles(files, labels, cfg.image_size, cfg.channels)
-            splits[role] = LoaderBatches(
-                dataset, cfg.batch_size, shuffle, cfg.num_workers, device, pixel_range, shuffle_gen
+        if resident:
+            if isinstance(dataset, ImageFiles):
+                dataset = TensorDataset(*default_collate(list(dataset)))
+            images, labels = dataset.tensors
+            splits[role] = TensorBatches(
+                images.to(device),
+                labels.to(device),
+                cfg.batch_size,
+                shuffle,
+                pixel_range,
+                shuffle_gen,
             )
-            continue
-        if cfg.name == "cifar10":
-            images, labels = load_cifar10_split(root, split, cfg.download)
         else:
-            images, labels = load_idx_split(cfg.name, root, split, cfg.download)
-        if cfg.limit is not None:
-            images, labels = images[: cfg.limit], labels[: cfg.limit]
-        tensor = prepare_images(images, cfg.image_size, cfg.channels).to(device)
-        label_tensor = torch.as_tensor(np.asarray(labels, dtype=np.int64)).to(device)
-        splits[role] = TensorBatches(
-            tensor, label_tensor, cfg.batch_size, shuffle, pixel_range, shuffle_gen
-        )
+            splits[role] = LoaderBatches(
+                dataset,
+                cfg.batch_size,
+                shuffle,
+                cfg.num_workers,
+                device,
+                pixel_range,
+                shuffle_gen,
+            )
     return Data(train=splits["train"], val=splits["val"])
+
+
+def load_split(cfg, root: Path, split: str) -> TensorDataset | ImageFiles:
+    """One split, limited to its first `cfg.limit` images: decoded and resized (in memory)
+    for IDX and CIFAR-10 files, a lazy list of files for folders."""
+    if cfg.name == "folder":
+        files, labels = list_folder_split(root, split, cfg.val_fraction)
+        limit = cfg.limit or len(files)
+        return ImageFiles(files[:limit], labels[:limit], cfg.image_size, cfg.channels)
+    if cfg.name == "cifar10":
+        images, labels = load_cifar10_split(root, split, cfg.download)
+    else:
+        images, labels = load_idx_split(cfg.name, root, split, cfg.download)
+    limit = cfg.limit or len(images)
+    tensor = prepare_images(images[:limit], cfg.image_size, cfg.channels)
+    return TensorDataset(tensor, torch.as_tensor(np.asarray(labels[:limit], dtype=np.int64)))
