@@ -48,7 +48,7 @@ def test_option_composes_and_builds(group, option, tmp_path):
     read_logger(cfg.logger)
     loss_fn = instantiate(cfg.loss)
     model = build_model(cfg, loss_fn)
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model, epochs=3)
     x = torch.zeros(2, data.channels, data.image_size, data.image_size)
     out = model(x)
     assert out.recon.shape == x.shape

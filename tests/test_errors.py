@@ -18,15 +18,35 @@ CASES = [
     (["+trainer.epoch=3"], ["unknown key trainer.epoch", "epochs"]),
     (["trainer.epoch=3"], ["Could not override 'trainer.epoch'"]),
     (["data.train_split=valid"], ["data.train_split", "train | test"]),
+    (["data.batch_size=0"], ["data.batch_size=0", "an integer >= 1"]),
+    (["data.channels=2"], ["data.channels=2", "1 (grey) or 3 (RGB)"]),
+    (["+data.val_fraction=0.1"], ["data.val_fraction", "data=folder only"]),
+    (["model.hidden_dims=8"], ["model.hidden_dims=8", "list of integers"]),
+    (["model.in_channels=3"], ["model.in_channels=3", "data.channels=1"]),
+    (["loss.w=abc"], ["loss.w='abc'", "a number >= 0"]),
+    (["+optim.momentum=0.9"], ["unknown key optim.momentum", "optim.optimizer"]),
+    (["+optim.optimizer.foo=1"], ["optim.optimizer", "foo"]),
+    (["optim/scheduler=step", "optim.scheduler.step_size=0"], ["optim.scheduler", "ZeroDivision"]),
+    (["optim/scheduler=warmup"], ["Could not find 'optim/scheduler/warmup'", "cosine"]),
+    (["logger.mode=sometimes"], ["logger.mode='sometimes'", "auto | online | offline"]),
+    (["+logger.colour=red"], ["unknown key logger.colour"]),
+    (["trainer.device=tpu"], ["trainer.device='tpu'", "auto | cpu | cuda"]),
+    (["data=folder", "data.root=/nonexistent/images"], ["/nonexistent/images is not a directory"]),
 ]
 if not torch.cuda.is_available():
-    CASES.append((["trainer.device=cuda"], ["trainer.device", "CUDA is not available"]))
+    CASES.append(
+        (
+            ["trainer.device=cuda"],
+            ["trainer.device", "CUDA is not available", "allowed: auto | cpu"],
+        )
+    )
 
 
 @pytest.mark.parametrize(("overrides", "expected"), CASES, ids=[" ".join(c[0]) for c in CASES])
 def test_bad_config_fails_before_training(overrides, expected, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_cli([*TINY, "logger=none", *overrides, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    args = [*TINY, *overrides, f"hydra.run.dir={run_dir}"]  # logger=wandb, W&B off if reached
+    result = run_cli(args, cwd=tmp_path, env={"WANDB_MODE": "disabled"})
     output = result.stdout + result.stderr
     assert result.returncode != 0
     for text in expected:

@@ -48,7 +48,7 @@ def test_same_weights_loss_and_adam_step_as_the_seed(mnist_root):
     torch.manual_seed(123)
     loss_fn = instantiate(cfg.loss)
     model = build_model(cfg, loss_fn)
-    optimizer, _ = build_optimizer(cfg, model)
+    optimizer, _ = build_optimizer(cfg, model, epochs=3)
 
     seed_state, our_state = seed_model.state_dict(), model.state_dict()
     assert list(seed_state) == list(our_state)

@@ -9,11 +9,14 @@ under the key's full name.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -131,12 +134,22 @@ def read_data(section: Mapping) -> DataConfig:
     )
     _check(d.train_split in SPLITS, "data.train_split", d.train_split, " | ".join(SPLITS))
     _check(d.val_split in SPLITS, "data.val_split", d.val_split, " | ".join(SPLITS))
+    if d.train_split == d.val_split:
+        log.warning(
+            "data.train_split = data.val_split = %s: validation numbers are on training images",
+            d.train_split,
+        )
     _check(
         d.device_resident in ("auto", True, False),
         "data.device_resident",
         d.device_resident,
         "auto | true | false",
     )
+    if d.name != "folder" and "val_fraction" in section:
+        raise ConfigError(
+            f"Invalid config: unknown key data.val_fraction for data={d.name}; it is an option "
+            "of data=folder only."
+        )
     if d.name == "folder":
         _check(
             d.download is False,
@@ -228,11 +241,35 @@ def instantiate_checked(section: DictConfig, key: str, **kwargs: Any) -> Any:
         raise ConfigError(f"Invalid config for {key}: {cause}") from e
 
 
+OPTIM_KEYS = ("optimizer", "scheduler")
+
+
 def check_optimizer(section: DictConfig) -> None:
-    """Learning rate and weight decay must be >= 0 (lr > 0) before any optimizer is built."""
+    """Known keys only; learning rate > 0 and weight decay >= 0, before anything is built."""
+    unknown = sorted(set(section) - set(OPTIM_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"Invalid config: unknown key optim.{unknown[0]}; the keys of optim are "
+            f"{', '.join(OPTIM_KEYS)} (optimizer settings go under optim.optimizer)."
+        )
     lr = section.optimizer.get("lr")
-    _check(isinstance(lr, float | int) and lr > 0, "optim.optimizer.lr", lr, "a number > 0")
+    _check(_is_number(lr) and lr > 0, "optim.optimizer.lr", lr, "a number > 0")
     wd = section.optimizer.get("weight_decay", 0.0)
-    _check(
-        isinstance(wd, float | int) and wd >= 0, "optim.optimizer.weight_decay", wd, "a number >= 0"
-    )
+    _check(_is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a number >= 0")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, float | int) and not isinstance(v, bool)
+
+
+def check_model_matches_data(model: DictConfig, data: DataConfig) -> None:
+    """model.in_channels / model.image_size, where a model has them, must equal the data's
+    (they are interpolated from it by default; an override that breaks that is an error)."""
+    for key in ("in_channels", "image_size"):
+        data_key = "channels" if key == "in_channels" else key
+        if key in model and model[key] != getattr(data, data_key):
+            raise ConfigError(
+                f"Invalid config: model.{key}={model[key]!r} but data.{data_key}="
+                f"{getattr(data, data_key)!r}; allowed: the data's value (leave model.{key} "
+                f"at its default, ${{data.{data_key}}}, and change data.{data_key} instead)."
+            )

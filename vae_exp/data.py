@@ -216,10 +216,15 @@ def normalize(batch: Tensor, pixel_range: tuple[float, float]) -> Tensor:
 # Batching
 
 
-class TensorBatches:
-    """Batches of a uint8 image tensor held on the training device, reshuffled every epoch.
+def usable_examples(n: int, batch_size: int, shuffle: bool) -> int:
+    """How many of n examples a pass uses: all (the last batch may be smaller, as the seed's
+    DataLoader with drop_last=False), except that a training pass (shuffled) skips a final
+    batch of one image, on which BatchNorm cannot train; shuffling varies the skipped one."""
+    return n - 1 if shuffle and n > 1 and n % batch_size == 1 else n
 
-    The last batch may be smaller (as the seed's DataLoader with drop_last=False)."""
+
+class TensorBatches:
+    """Batches of a uint8 image tensor held on the training device, reshuffled every epoch."""
 
     def __init__(
         self,
@@ -235,7 +240,9 @@ class TensorBatches:
         self.pixel_range, self.generator = pixel_range, generator
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return math.ceil(
+            usable_examples(len(self.images), self.batch_size, self.shuffle) / self.batch_size
+        )
 
     @property
     def num_examples(self) -> int:
@@ -247,7 +254,7 @@ class TensorBatches:
             order = torch.randperm(n, generator=self.generator).to(self.images.device)
         else:
             order = torch.arange(n, device=self.images.device)
-        for i in range(0, n, self.batch_size):
+        for i in range(0, usable_examples(n, self.batch_size, self.shuffle), self.batch_size):
             idx = order[i : i + self.batch_size]
             yield normalize(self.images[idx], self.pixel_range), self.labels[idx]
 
@@ -290,9 +297,10 @@ class LoaderBatches:
             persistent_workers=num_workers > 0,
         )
         self.device, self.pixel_range = device, pixel_range
+        self.skip_single = usable_examples(len(dataset), batch_size, shuffle) < len(dataset)
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.loader) - self.skip_single
 
     @property
     def num_examples(self) -> int:
@@ -300,6 +308,8 @@ class LoaderBatches:
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:
+            if self.skip_single and len(images) == 1:
+                continue
             images = images.to(self.device, non_blocking=True)
             yield normalize(images, self.pixel_range), labels.to(self.device, non_blocking=True)
 

@@ -29,8 +29,8 @@ class VAELoss:
     pixel_range: tuple[float, float]
 
     def __init__(self, w: float) -> None:
-        if not w >= 0:  # also rejects NaN
-            raise ValueError(f"loss.w must be >= 0 (the KL weight), got {w}")
+        if isinstance(w, bool) or not isinstance(w, int | float) or not w >= 0:  # NaN too
+            raise ValueError(f"loss.w={w!r}; allowed: a number >= 0 (the KL weight)")
         self.w = float(w)
 
     def reconstruction(self, recon: Tensor, x: Tensor) -> Tensor:

@@ -33,9 +33,20 @@ def image_grid(images: Tensor, nrow: int, value_range: tuple[float, float]) -> n
 
 
 def wandb_credentials_found() -> bool:
-    """True when WANDB_API_KEY is set or a netrc file has an entry for the W&B host."""
+    """True when WANDB_API_KEY is set or the netrc file (`wandb login`) has a key for the W&B
+    server (WANDB_BASE_URL, else wandb's default server)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
+    try:  # wandb's own lookup knows its default host and the hosts behind it
+        from wandb.sdk.lib import urls
+        from wandb.sdk.lib.wbauth.wbnetrc import read_netrc_auth
+
+        base_url = os.environ.get("WANDB_BASE_URL", urls.DEFAULT_BASE_URL)
+        return read_netrc_auth(host=base_url) is not None
+    except ImportError:  # other wandb versions: look the host up ourselves
+        pass
+    except Exception:  # a malformed netrc or URL: no usable credentials
+        return False
     host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
@@ -60,6 +71,7 @@ class Tracker:
     def __init__(self, run_dir: Path, config: dict[str, Any], logger: LoggerConfig) -> None:
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")  # a reused run directory starts a fresh file
         self.logger = logger
         self.wandb_run = None
         if logger.name == "wandb":
@@ -87,7 +99,8 @@ class Tracker:
                 )
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Per-step training metrics (W&B only; the run directory keeps per-epoch ones)."""
+        """Training metrics at global step `step`: the mean over the steps since the last
+        call (every trainer.log_every steps). W&B only; the run directory keeps epochs."""
         if self.wandb_run is not None:
             self.wandb_run.log(metrics, step=step)
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from vae_exp.checkpoint import save_checkpoint
 from vae_exp.config import (
     ConfigError,
+    check_model_matches_data,
     check_optimizer,
     instantiate_checked,
     read_data,
@@ -33,10 +34,18 @@ def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else CPU; an unavailable device is a config error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name.partition(":")[2] or 0) >= count:
+            allowed = " | ".join(["auto", "cpu", *(f"cuda:{i}" for i in range(count))])
+            raise ConfigError(
+                f"Invalid config: trainer.device={name!r} but this machine has {count} CUDA "
+                f"device(s){' (CUDA is not available here)' if count == 0 else ''}; "
+                f"allowed: {allowed}."
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(
-            f"Invalid config: trainer.device={name!r} but CUDA is not available here; "
-            "allowed: auto | cpu."
+            "Invalid config: trainer.device='mps' is not available here; allowed: auto | cpu."
         )
     return torch.device(name)
 
@@ -46,21 +55,28 @@ def build_model(cfg: DictConfig, loss_fn: VAELoss) -> VAE:
     return instantiate_checked(cfg.model, "model", decoder_output=loss_fn.decoder_output)
 
 
-def build_optimizer(cfg: DictConfig, model: VAE):
-    """The optimizer of `cfg.optim` and its optional LR scheduler (stepped once per epoch)."""
+def build_optimizer(cfg: DictConfig, model: VAE, epochs: int):
+    """The optimizer of `cfg.optim` and its optional LR scheduler (stepped once per epoch).
+    The scheduler is first tried for `epochs` steps on a throwaway optimizer, so a bad setting
+    fails now rather than after an epoch of training."""
     check_optimizer(cfg.optim)
     make_optimizer = instantiate_checked(cfg.optim.optimizer, "optim.optimizer")
     try:
         optimizer = make_optimizer(model.parameters())
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"Invalid config: optim.optimizer: {e}") from e
-    scheduler = None
-    if cfg.optim.get("scheduler") is not None:
-        make_scheduler = instantiate_checked(cfg.optim.scheduler, "optim.scheduler")
-        try:
-            scheduler = make_scheduler(optimizer)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"Invalid config: optim.scheduler: {e}") from e
+        raise ConfigError(f"Invalid config for optim.optimizer: {e}") from e
+    if cfg.optim.get("scheduler") is None:
+        return optimizer, None
+    make_scheduler = instantiate_checked(cfg.optim.scheduler, "optim.scheduler")
+    try:
+        probe = type(optimizer)([torch.zeros(1, requires_grad=True)], **optimizer.defaults)
+        probe_scheduler = make_scheduler(probe)
+        for _ in range(epochs):
+            probe.step()
+            probe_scheduler.step()
+        scheduler = make_scheduler(optimizer)
+    except Exception as e:
+        raise ConfigError(f"Invalid config for optim.scheduler: {type(e).__name__}: {e}") from e
     return optimizer, scheduler
 
 
@@ -75,32 +91,31 @@ def train_epoch(
     progress: tqdm,
 ) -> tuple[dict[str, float], int]:
     """One pass over the training batches. Loss terms are summed on the device and read back
-    only every `log_every` steps (no host sync per step). Returns the epoch's mean terms
-    (per example) and the global step."""
+    only every `log_every` steps (no host sync per step). Returns the epoch's mean of the
+    per-batch terms (the seed's `total_loss / len(dataloader)`) and the global step."""
     model.train()
     sums: dict[str, torch.Tensor] = {}
     window: dict[str, torch.Tensor] = {}
-    seen = window_seen = 0
-    for i, (x, _) in enumerate(batches, start=1):
+    steps = window_steps = 0
+    for x, _ in batches:
         optimizer.zero_grad(set_to_none=True)
         terms = loss_fn(model(x), x)
         terms["loss"].backward()
         optimizer.step()
         step += 1
-        n = x.shape[0]
+        steps += 1
+        window_steps += 1
         for k, v in terms.items():
-            v = v.detach() * n
+            v = v.detach()
             sums[k] = sums[k] + v if k in sums else v
             window[k] = window[k] + v if k in window else v
-        seen += n
-        window_seen += n
         progress.update(1)
-        if i % log_every == 0 or i == len(batches):
-            means = {k: v.item() / window_seen for k, v in window.items()}
-            progress.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}")
+        if window_steps == log_every or steps == len(batches):
+            means = {k: v.item() / window_steps for k, v in window.items()}
+            progress.set_postfix(loss=f"{sums['loss'].item() / steps:.4f}")
             tracker.log_step(step, {f"train/{k}": v for k, v in means.items()})
-            window, window_seen = {}, 0
-    return {k: v.item() / seen for k, v in sums.items()}, step
+            window, window_steps = {}, 0
+    return {k: v.item() / steps for k, v in sums.items()}, step
 
 
 @torch.no_grad()
@@ -126,13 +141,14 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     Returns the best validation loss (what sweepers minimise)."""
     # 1. Check and build everything before any data is loaded or step taken.
     data_cfg = read_data(cfg.data)
+    check_model_matches_data(cfg.model, data_cfg)
     trainer = read_trainer(cfg.trainer)
     logger_cfg = read_logger(cfg.logger)
     device = resolve_device(trainer.device)
     torch.manual_seed(trainer.seed)
     loss_fn = instantiate_checked(cfg.loss, "loss")
     model = build_model(cfg, loss_fn).to(device)
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model, trainer.epochs)
     data = build_data(data_cfg, loss_fn.pixel_range, device, trainer.seed)
     config = OmegaConf.to_container(cfg, resolve=True)
     n_params = sum(p.numel() for p in model.parameters())

@@ -61,6 +61,8 @@ class ConvVAE(VAE):
         decoder_output: str = "tanh",
     ) -> None:
         super().__init__()
+        if isinstance(hidden_dims, str) or not isinstance(hidden_dims, Sequence):
+            raise ValueError(f"model.hidden_dims={hidden_dims!r} must be a list of integers >= 1")
         hidden_dims = list(hidden_dims)
         if not hidden_dims or not all(_is_count(d) for d in hidden_dims):
             raise ValueError(
