@@ -220,3 +220,60 @@ def test_folder_data_end_to_end_and_a_failed_run_is_marked_failed(mnist_root, tm
     assert (tmp_path / "bad" / "metrics.jsonl").read_text() == ""  # no epoch finished
     [run_file] = offline_runs(tmp_path / "bad")
     assert wandb_records.exit_code(wandb_records.read_records(run_file)) == 1
+
+
+VARIANTS = {
+    "bce_kld": ["loss=bce_kld"],
+    "sgd+step": ["optim=sgd", "optim/scheduler=step", "optim.scheduler.step_size=1"],
+    "adamw+cosine": ["optim=adamw", "optim/scheduler=cosine"],
+    "rgb": ["data.channels=3"],
+    "fashion": [
+        "data=fashion_mnist",
+        "data.train_split=train",
+        "data.image_size=28",
+        "model.hidden_dims=[8,16]",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variants_train(name, mnist_root, fashion_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [*TINY, "logger=none", *VARIANTS[name], f"hydra.run.dir={run_dir}"], cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_metrics(run_dir)
+    assert all(np.isfinite(m["val/loss"]) and m["val/kld"] >= 0 for m in metrics)
+    assert metrics[1]["train/loss"] < metrics[0]["train/loss"]
+    size = 28 if name == "fashion" else 32
+    samples = assert_picture(run_dir / "samples" / "epoch_002.png", tile=size)
+    assert samples.ndim == (3 if name == "rgb" else 2)
+    if name == "bce_kld":  # a negative ELBO in nats per image: hundreds for 32x32 digits
+        assert metrics[-1]["val/recon"] > 50 and metrics[-1]["val/weighted_kld"] == pytest.approx(
+            metrics[-1]["val/kld"]
+        )
+    if "optim/scheduler=step" in VARIANTS[name] or "optim/scheduler=cosine" in VARIANTS[name]:
+        assert metrics[1]["lr"] < metrics[0]["lr"]
+
+
+@pytest.mark.slow
+def test_reference_model_on_full_fashion_mnist(fashion_dir, tmp_path):
+    """One epoch of the reference settings on all 60,000 Fashion-MNIST images (minutes)."""
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [
+            "data=fashion_mnist",
+            "trainer.epochs=1",
+            "logger=none",
+            "trainer.progress=false",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    [m] = read_metrics(run_dir)
+    assert m["step"] == 938  # ceil(60000 / 64), as the seed's DataLoader
+    assert m["val/loss"] < 0.08 and m["val/kld"] > 0
+    assert_picture(run_dir / "reconstructions" / "epoch_001.png")

@@ -140,3 +140,46 @@ def test_device_resident_and_dataloader_paths_give_the_same_batches(mnist_root, 
         assert data.train.num_examples == 57 and data.val.num_examples == 3  # every 20th
         batches[resident] = [x for x, _ in data.val]
     assert all(torch.equal(a, b) for a, b in zip(batches[True], batches[False], strict=True))
+
+
+def test_cifar10_python_batches(mnist_root, tmp_path):
+    """The CIFAR-10 reader on files in CIFAR-10's own format (pickled dicts of 3x32x32 rows),
+    filled with real MNIST digits since CIFAR-10 itself cannot be fetched here."""
+    import pickle
+
+    from vae_exp.data import load_cifar10_split
+
+    digits, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    rgb = np.repeat(np.pad(digits[:60], ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        batch = {
+            "data": rgb[i * 10 : (i + 1) * 10].reshape(10, -1),
+            "labels": labels[i * 10 : (i + 1) * 10].tolist(),
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f)
+    train, train_labels = load_cifar10_split(tmp_path, "train", download=False)
+    test, _ = load_cifar10_split(tmp_path, "test", download=False)
+    assert train.shape == (50, 32, 32, 3) and test.shape == (10, 32, 32, 3)
+    assert np.array_equal(train[7, 2:30, 2:30, 1], digits[7])
+    assert train_labels.tolist() == labels[:50].tolist()
+    (folder / "test_batch").unlink()
+    with pytest.raises(DataNotFoundError, match="test_batch missing"):
+        load_cifar10_split(tmp_path, "test", download=False)
+
+
+def test_a_final_batch_of_one_is_skipped_in_training_only():
+    from vae_exp.losses import MSEKLD
+    from vae_exp.models import ConvVAE
+
+    images = torch.randint(0, 256, (65, 1, 32, 32), dtype=torch.uint8)
+    train = TensorBatches(images, torch.zeros(65), 64, True, (-1.0, 1.0), torch.Generator())
+    val = TensorBatches(images, torch.zeros(65), 64, False, (-1.0, 1.0))
+    assert len(train) == 1 and [len(x) for x, _ in train] == [64]
+    assert len(val) == 2 and [len(x) for x, _ in val] == [64, 1]
+    model = ConvVAE(1, 32)  # 1x1 feature maps: BatchNorm cannot train on a batch of one
+    for x, _ in train:
+        MSEKLD()(model(x), x)["loss"].backward()

@@ -3,6 +3,7 @@ train steps, validation, grids, metrics and checkpoints."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -69,7 +70,9 @@ def build_optimizer(cfg: DictConfig, model: VAE, epochs: int):
         return optimizer, None
     make_scheduler = instantiate_checked(cfg.optim.scheduler, "optim.scheduler")
     try:
-        probe = type(optimizer)([torch.zeros(1, requires_grad=True)], **optimizer.defaults)
+        accepted = inspect.signature(type(optimizer)).parameters
+        settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        probe = type(optimizer)([torch.zeros(1, requires_grad=True)], **settings)
         probe_scheduler = make_scheduler(probe)
         for _ in range(epochs):
             probe.step()
