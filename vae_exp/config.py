@@ -55,6 +55,8 @@ class TrainerConfig:
     sample_grid: int
     num_reconstructions: int
     checkpoint: CheckpointConfig
+    resume: str | None
+    skip_nonfinite: int
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class LoggerConfig:
     group: str | None = None
     tags: list[str] = dataclasses.field(default_factory=list)
     log_images: bool = True
+    init_timeout: float = 60.0
 
 
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
@@ -206,6 +209,18 @@ def read_trainer(section: Mapping) -> TrainerConfig:
         t.num_reconstructions,
         "an integer >= 1",
     )
+    _check(
+        t.resume is None or (isinstance(t.resume, str) and t.resume != ""),
+        "trainer.resume",
+        t.resume,
+        "null, auto, a run directory or a checkpoint file",
+    )
+    _check(
+        _is_int(t.skip_nonfinite) and t.skip_nonfinite >= 0,
+        "trainer.skip_nonfinite",
+        t.skip_nonfinite,
+        "an integer >= 0 (0: stop at the first non-finite loss or gradient)",
+    )
     for key in ("save_last", "save_best"):
         value = getattr(t.checkpoint, key)
         _check(isinstance(value, bool), f"trainer.checkpoint.{key}", value, "true or false")
@@ -226,6 +241,12 @@ def read_logger(section: Mapping) -> LoggerConfig:
         )
     lg = _read(LoggerConfig, section, "logger")
     _check(lg.mode in WANDB_MODES, "logger.mode", lg.mode, " | ".join(WANDB_MODES))
+    _check(
+        _is_number(lg.init_timeout) and lg.init_timeout > 0,
+        "logger.init_timeout",
+        lg.init_timeout,
+        "seconds > 0",
+    )
     return lg
 
 

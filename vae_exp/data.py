@@ -223,8 +223,43 @@ def usable_examples(n: int, batch_size: int, shuffle: bool) -> int:
     return n - 1 if shuffle and n > 1 and n % batch_size == 1 else n
 
 
-class TensorBatches:
-    """Batches of a uint8 image tensor held on the training device, reshuffled every epoch."""
+class Batches:
+    """The batches of one split. A shuffled (training) split draws a new order from
+    `generator` at the start of every pass, so saving the generator's state before a pass
+    lets `iterate(start)` replay that pass from any batch (resuming mid-epoch)."""
+
+    def __init__(
+        self,
+        num_examples: int,
+        batch_size: int,
+        shuffle: bool,
+        pixel_range: tuple[float, float],
+        generator: torch.Generator | None,
+    ) -> None:
+        self.num_examples, self.batch_size, self.shuffle = num_examples, batch_size, shuffle
+        self.pixel_range, self.generator = pixel_range, generator
+
+    def __len__(self) -> int:
+        usable = usable_examples(self.num_examples, self.batch_size, self.shuffle)
+        return math.ceil(usable / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return self.iterate()
+
+    def iterate(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """One pass, skipping its first `start` batches."""
+        n = self.num_examples
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        order = order[: usable_examples(n, self.batch_size, self.shuffle)]
+        return self.batches(order[start * self.batch_size :])
+
+    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalised images and labels, on the device, for `order` in batches."""
+        raise NotImplementedError
+
+
+class TensorBatches(Batches):
+    """Batches of a uint8 image tensor held on the training device."""
 
     def __init__(
         self,
@@ -235,26 +270,12 @@ class TensorBatches:
         pixel_range: tuple[float, float],
         generator: torch.Generator | None = None,
     ) -> None:
+        super().__init__(len(images), batch_size, shuffle, pixel_range, generator)
         self.images, self.labels = images, labels
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.pixel_range, self.generator = pixel_range, generator
 
-    def __len__(self) -> int:
-        return math.ceil(
-            usable_examples(len(self.images), self.batch_size, self.shuffle) / self.batch_size
-        )
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.images)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        n = len(self.images)
-        if self.shuffle:
-            order = torch.randperm(n, generator=self.generator).to(self.images.device)
-        else:
-            order = torch.arange(n, device=self.images.device)
-        for i in range(0, usable_examples(n, self.batch_size, self.shuffle), self.batch_size):
+    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        order = order.to(self.images.device)
+        for i in range(0, len(order), self.batch_size):
             idx = order[i : i + self.batch_size]
             yield normalize(self.images[idx], self.pixel_range), self.labels[idx]
 
@@ -274,8 +295,8 @@ class ImageFiles(Dataset):
         return pil_to_uint8(image), self.labels[i]
 
 
-class LoaderBatches:
-    """Batches from a DataLoader of uint8 images, moved to the device and normalised there."""
+class LoaderBatches(Batches):
+    """Batches read by DataLoader workers (uint8), moved to the device and normalised there."""
 
     def __init__(
         self,
@@ -287,34 +308,20 @@ class LoaderBatches:
         pixel_range: tuple[float, float],
         generator: torch.Generator | None = None,
     ) -> None:
-        self.loader = DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            num_workers=num_workers,
-            generator=generator,
-            pin_memory=device.type == "cuda",
-            persistent_workers=num_workers > 0,
+        super().__init__(len(dataset), batch_size, shuffle, pixel_range, generator)
+        self.dataset, self.num_workers, self.device = dataset, num_workers, device
+
+    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        loader = DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=order.tolist(),
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
         )
-        self.device, self.pixel_range = device, pixel_range
-        self.skip_single = usable_examples(len(dataset), batch_size, shuffle) < len(dataset)
-
-    def __len__(self) -> int:
-        return len(self.loader) - self.skip_single
-
-    @property
-    def num_examples(self) -> int:
-        return len(self.loader.dataset)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.loader:
-            if self.skip_single and len(images) == 1:
-                continue
+        for images, labels in loader:
             images = images.to(self.device, non_blocking=True)
             yield normalize(images, self.pixel_range), labels.to(self.device, non_blocking=True)
-
-
-Batches = TensorBatches | LoaderBatches
 
 
 @dataclass

@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from vae_exp.config import LoggerConfig
+from vae_exp.data import one_line
 
 log = logging.getLogger(__name__)
 
@@ -66,43 +67,83 @@ def wandb_mode(configured: str) -> str | None:
 
 
 class Tracker:
-    """Writes metrics and image grids of one run to its directory and, optionally, to W&B."""
+    """Writes metrics and image grids of one run to its directory and, optionally, to W&B.
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], logger: LoggerConfig) -> None:
+    W&B never stops training: if it cannot start online (unreachable, key rejected) the run
+    logs offline; if a later W&B call fails, W&B logging stops with one warning and the run
+    directory's files go on."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        logger: LoggerConfig,
+        history: list[dict[str, Any]] | None = None,
+        wandb_id: str | None = None,
+    ) -> None:
+        """`history`: metrics of earlier epochs (a resumed run), written first;
+        `wandb_id`: the W&B run to continue."""
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("")  # a reused run directory starts a fresh file
+        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history or []))
         self.logger = logger
         self.wandb_run = None
         if logger.name == "wandb":
-            import wandb
+            self.wandb_run = self._start_wandb(config, wandb_id)
 
-            self.wandb = wandb
-            mode = wandb_mode(logger.mode)
-            self.wandb_run = wandb.init(
-                project=logger.project,
-                entity=logger.entity,
-                group=logger.group,
-                tags=list(logger.tags),
-                job_type="train",
-                config=config,
-                dir=str(run_dir),
-                mode=mode,
-                reinit="finish_previous",  # never silently reuse an earlier run
-                settings=wandb.Settings(console="off"),
+    def _start_wandb(self, config: dict[str, Any], wandb_id: str | None):
+        import wandb
+
+        self.wandb = wandb
+        lg = self.logger
+        mode = wandb_mode(lg.mode)
+        init = dict(
+            project=lg.project,
+            entity=lg.entity,
+            group=lg.group,
+            tags=list(lg.tags),
+            job_type="train",
+            config=config,
+            dir=str(self.run_dir),
+            id=wandb_id,
+            resume="allow" if wandb_id else None,
+            reinit="finish_previous",  # never silently reuse an earlier run
+            settings=wandb.Settings(console="off", init_timeout=lg.init_timeout),
+        )
+        try:
+            run = wandb.init(mode=mode, **init)
+        except Exception as e:
+            if (mode or os.environ.get("WANDB_MODE")) == "offline":
+                log.warning("W&B failed to start (%s); logging to the run directory only", e)
+                return None
+            log.warning("W&B could not start online (%s); logging offline instead", one_line(e))
+            mode = "offline"
+            run = wandb.init(mode=mode, **init)
+        if (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
+            log.info(
+                "W&B is offline; upload this run later with: wandb sync %s",
+                Path(run.dir).parent,
             )
-            if (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
-                log.info(
-                    "W&B is offline (no credentials, or mode offline); upload this run later "
-                    "with: wandb sync %s",
-                    Path(self.wandb_run.dir).parent,
-                )
+        return run
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
+
+    def _wandb(self, call: str, *args: Any, **kwargs: Any) -> None:
+        """Call a method of the W&B run; on failure warn once and stop using W&B."""
+        if self.wandb_run is None:
+            return
+        try:
+            getattr(self.wandb_run, call)(*args, **kwargs)
+        except Exception as e:
+            log.warning("W&B %s failed (%s); W&B logging stops for this run", call, one_line(e))
+            self.wandb_run = None
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
         """Training metrics at global step `step`: the mean over the steps since the last
         call (every trainer.log_every steps). W&B only; the run directory keeps epochs."""
-        if self.wandb_run is not None:
-            self.wandb_run.log(metrics, step=step)
+        self._wandb("log", metrics, step=step)
 
     def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
         """One line of metrics.jsonl, and the same values in W&B, where the epoch means of
@@ -110,9 +151,8 @@ class Tracker:
         and a value logged at the same step would overwrite it)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
-        if self.wandb_run is not None:
-            renamed = {k.replace("train/", "train_epoch/", 1): v for k, v in metrics.items()}
-            self.wandb_run.log(renamed, step=step)
+        renamed = {k.replace("train/", "train_epoch/", 1): v for k, v in metrics.items()}
+        self._wandb("log", renamed, step=step)
 
     def log_image(self, step: int, epoch: int, name: str, grid: np.ndarray) -> Path:
         """Save `grid` as <run_dir>/<name>/epoch_NNN.png and log it to W&B as `name`."""
@@ -120,12 +160,12 @@ class Tracker:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(path)
         if self.wandb_run is not None and self.logger.log_images:
-            image = self.wandb.Image(grid, caption=f"epoch {epoch}")
-            self.wandb_run.log({name: image}, step=step)
+            self._wandb("log", {name: self.wandb.Image(grid, caption=f"epoch {epoch}")}, step=step)
         return path
 
-    def finish(self, exit_code: int = 0) -> None:
-        """Close the W&B run (marked failed when exit_code is non-zero)."""
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=exit_code)
-            self.wandb_run = None
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Close the W&B run: failed when exit_code is non-zero, preempted if so."""
+        if preempted:
+            self._wandb("mark_preempting")
+        self._wandb("finish", exit_code=exit_code)
+        self.wandb_run = None

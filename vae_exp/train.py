@@ -4,18 +4,28 @@ train steps, validation, grids, metrics and checkpoints."""
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from vae_exp.checkpoint import save_checkpoint
+from vae_exp.checkpoint import (
+    config_differences,
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+)
 from vae_exp.config import (
     ConfigError,
+    TrainerConfig,
     check_model_matches_data,
     check_optimizer,
     instantiate_checked,
@@ -26,6 +36,7 @@ from vae_exp.config import (
 from vae_exp.data import Batches, build_data
 from vae_exp.losses import VAELoss
 from vae_exp.models import VAE
+from vae_exp.preemption import StopRequest
 from vae_exp.tracking import Tracker, image_grid
 
 log = logging.getLogger(__name__)
@@ -83,42 +94,122 @@ def build_optimizer(cfg: DictConfig, model: VAE, epochs: int):
     return optimizer, scheduler
 
 
+class TrainingStopped(Exception):
+    """Training stopped early, after saving what could be saved; `exit_code` for the shell."""
+
+    exit_code = 1
+
+
+class Preempted(TrainingStopped):
+    """SIGTERM / SIGINT: a checkpoint of the current step was written."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number
+
+
+class NonFiniteLoss(TrainingStopped):
+    """A NaN or Inf loss or gradient (more than trainer.skip_nonfinite of them)."""
+
+    exit_code = 3
+
+
+@dataclass
+class Position:
+    """Where training stands: with the weights, optimizer and RNG states, all a checkpoint
+    needs to continue exactly, even from the middle of an epoch."""
+
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches done in the epoch after that (mid-epoch checkpoints)
+    epoch_steps: int = 0  # of those, the steps taken (not skipped) and summed in `sums`
+    step: int = 0  # optimizer steps taken (skipped non-finite steps not counted)
+    sums: dict[str, float] = field(default_factory=dict)  # per-batch terms summed, this epoch
+    skipped: int = 0  # non-finite steps skipped so far (trainer.skip_nonfinite)
+    best_val_loss: float = math.inf
+
+
+def grad_norm(model: VAE) -> torch.Tensor:
+    """The L2 norm of all gradients together (a device scalar; NaN/Inf if any is)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def train_epoch(
     model: VAE,
     loss_fn: VAELoss,
     optimizer: torch.optim.Optimizer,
     batches: Batches,
     tracker: Tracker,
-    step: int,
-    log_every: int,
+    pos: Position,
+    trainer: TrainerConfig,
     progress: tqdm,
-) -> tuple[dict[str, float], int]:
-    """One pass over the training batches. Loss terms are summed on the device and read back
-    only every `log_every` steps (no host sync per step). Returns the epoch's mean of the
-    per-batch terms (the seed's `total_loss / len(dataloader)`) and the global step."""
+    stop: StopRequest,
+) -> None:
+    """Train on the batches of one epoch from batch `pos.batches_done` on, updating `pos`.
+
+    Loss terms are summed on the device and read back only every `log_every` steps (no host
+    sync per step). A non-finite loss or gradient stops training (`NonFiniteLoss`), naming the
+    first such step, unless trainer.skip_nonfinite allows skipping it (that check syncs every
+    step). Returns early, after a whole step, when `stop` has caught a signal."""
     model.train()
-    sums: dict[str, torch.Tensor] = {}
+    device = next(model.parameters()).device
+    sums = {k: torch.tensor(v, device=device) for k, v in pos.sums.items()}
     window: dict[str, torch.Tensor] = {}
-    steps = window_steps = 0
-    for x, _ in batches:
+    window_steps = 0
+    first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step
+    bad_terms: dict[str, torch.Tensor] = {}
+    for x, _ in batches.iterate(start=pos.batches_done):
+        if trainer.skip_nonfinite:  # a skipped step must not leave NaNs in BatchNorm's stats
+            saved_buffers = [b.clone() for b in model.buffers()]
         optimizer.zero_grad(set_to_none=True)
         terms = loss_fn(model(x), x)
         terms["loss"].backward()
-        optimizer.step()
-        step += 1
-        steps += 1
-        window_steps += 1
-        for k, v in terms.items():
-            v = v.detach()
-            sums[k] = sums[k] + v if k in sums else v
-            window[k] = window[k] + v if k in window else v
+        terms["grad_norm"] = grad_norm(model)
+        finite = torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])
+        pos.batches_done += 1
         progress.update(1)
-        if window_steps == log_every or steps == len(batches):
+        if trainer.skip_nonfinite and not finite.item():  # skip: no update, stats restored
+            pos.skipped += 1
+            for b, saved in zip(model.buffers(), saved_buffers):
+                b.copy_(saved)
+            log.warning("skipped non-finite step %d: %s", pos.step + 1, describe(terms))
+            if pos.skipped > trainer.skip_nonfinite:
+                raise NonFiniteLoss(nonfinite_message(pos.step + 1, terms, trainer))
+        else:
+            optimizer.step()
+            pos.step += 1
+            pos.epoch_steps += 1
+            window_steps += 1
+            newly_bad = ~finite & (first_bad < 0)
+            first_bad = torch.where(newly_bad, pos.step, first_bad)
+            for k, v in terms.items():
+                v = v.detach()
+                sums[k] = sums[k] + v if k in sums else v
+                window[k] = window[k] + v if k in window else v
+                bad_terms[k] = torch.where(newly_bad, v, bad_terms.get(k, v))
+        done = pos.batches_done == len(batches) or stop.signal_name is not None
+        if window_steps and (window_steps == trainer.log_every or done):
+            if first_bad.item() >= 0:
+                raise NonFiniteLoss(nonfinite_message(first_bad.item(), bad_terms, trainer))
             means = {k: v.item() / window_steps for k, v in window.items()}
-            progress.set_postfix(loss=f"{sums['loss'].item() / steps:.4f}")
-            tracker.log_step(step, {f"train/{k}": v for k, v in means.items()})
+            progress.set_postfix(loss=f"{sums['loss'].item() / pos.epoch_steps:.4f}")
+            tracker.log_step(pos.step, {f"train/{k}": v for k, v in means.items()})
             window, window_steps = {}, 0
-    return {k: v.item() / steps for k, v in sums.items()}, step
+        if stop.signal_name is not None:
+            break
+    pos.sums = {k: float(v) for k, v in sums.items()}
+
+
+def describe(terms: dict[str, torch.Tensor]) -> str:
+    return ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in terms.items())
+
+
+def nonfinite_message(step: int, terms: dict[str, torch.Tensor], trainer: TrainerConfig) -> str:
+    return (
+        f"Non-finite loss or gradient at step {step}: {describe(terms)}. Lower "
+        f"optim.optimizer.lr, or let trainer.skip_nonfinite (now {trainer.skip_nonfinite}) "
+        "skip such steps."
+    )
 
 
 @torch.no_grad()
@@ -139,6 +230,53 @@ def validate(model: VAE, loss_fn: VAELoss, batches: Batches, seed: int) -> dict[
     return {k: v.item() / seen for k, v in sums.items()}
 
 
+def checkpoint_state(model, optimizer, scheduler, pos, config, metrics, data, tracker) -> dict:
+    """Everything a checkpoint holds (plain tensors and containers: weights_only-loadable)."""
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "position": asdict(pos),
+        "epoch": pos.epoch,
+        "step": pos.step,
+        "config": config,
+        "metrics": metrics,
+        "rng": rng_state(data.train.generator),
+        "wandb_id": tracker.wandb_id,
+    }
+
+
+def resume_from(path: Path, config: dict, model, optimizer, scheduler, data) -> tuple:
+    """Load the checkpoint at `path` into the model, optimizer, scheduler and RNGs; returns
+    its Position, W&B run id and the metrics of the epochs it completed."""
+    state = load_checkpoint(path)
+    differences = config_differences(state["config"], config)
+    if differences:
+        raise ConfigError(
+            f"Invalid config: trainer.resume: {path} was made for another experiment "
+            f"({'; '.join(differences[:5])}). Resume with the same settings, or start a new run."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"], data.train.generator)
+    pos = Position(**state["position"])
+    metrics_file = path.parent.parent / "metrics.jsonl"
+    history = []
+    if metrics_file.is_file():
+        history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    history = [m for m in history if m["epoch"] <= pos.epoch]
+    log.info(
+        "resuming %s: epoch %d done, %d batches into the next, step %d",
+        path,
+        pos.epoch,
+        pos.batches_done,
+        pos.step,
+    )
+    return pos, state.get("wandb_id"), history
+
+
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train the experiment described by `cfg`, writing outputs to `run_dir`.
     Returns the best validation loss (what sweepers minimise)."""
@@ -152,8 +290,18 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     loss_fn = instantiate_checked(cfg.loss, "loss")
     model = build_model(cfg, loss_fn).to(device)
     optimizer, scheduler = build_optimizer(cfg, model, trainer.epochs)
-    data = build_data(data_cfg, loss_fn.pixel_range, device, trainer.seed)
     config = OmegaConf.to_container(cfg, resolve=True)
+    resume_path = None
+    if trainer.resume is not None:
+        roots = [Path.cwd() / "outputs", Path.cwd() / "multirun", run_dir]
+        resume_path = find_resume_checkpoint(trainer.resume, config, roots)
+        if resume_path is None:
+            log.info("trainer.resume=auto: no checkpoint of this experiment found; starting anew")
+    data = build_data(data_cfg, loss_fn.pixel_range, device, trainer.seed)
+
+    pos, wandb_id, history = Position(), None, []
+    if resume_path is not None:
+        pos, wandb_id, history = resume_from(resume_path, config, model, optimizer, scheduler, data)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s: %.2fM parameters on %s; %d train / %d val images; outputs in %s",
@@ -169,84 +317,110 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     grid_gen = torch.Generator().manual_seed(trainer.seed)
     fixed_z = torch.randn(trainer.sample_grid**2, model.latent_dim, generator=grid_gen).to(device)
     fixed_x = next(iter(data.val))[0][: trainer.num_reconstructions]
+    checkpoints = run_dir / "checkpoints"
 
-    tracker = Tracker(run_dir, config, logger_cfg)
-    step, best = 0, math.inf
+    # 3. Epochs: train, validate, log, draw, checkpoint.
+    tracker = Tracker(run_dir, config, logger_cfg, history=history, wandb_id=wandb_id)
     try:
-        for epoch in range(1, trainer.epochs + 1):
-            start = time.perf_counter()
-            bar = tqdm(
-                total=len(data.train),
-                desc=f"Epoch {epoch}/{trainer.epochs}",
-                disable=not trainer.progress,
-                dynamic_ncols=True,
-            )
-            with bar:
-                train_terms, step = train_epoch(
-                    model, loss_fn, optimizer, data.train, tracker, step, trainer.log_every, bar
+        with StopRequest() as stop:
+            while pos.epoch < trainer.epochs:
+                epoch = pos.epoch + 1
+                start = time.perf_counter()
+                data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
+                bar = tqdm(
+                    total=len(data.train),
+                    initial=pos.batches_done,
+                    desc=f"Epoch {epoch}/{trainer.epochs}",
+                    disable=not trainer.progress,
+                    dynamic_ncols=True,
                 )
-            val_terms = validate(model, loss_fn, data.val, trainer.seed)
-            lr = optimizer.param_groups[0]["lr"]
-            if scheduler is not None:
-                scheduler.step()
-            seconds = time.perf_counter() - start
-            metrics = {
-                "epoch": epoch,
-                "step": step,
-                **{f"train/{k}": v for k, v in train_terms.items()},
-                **{f"val/{k}": v for k, v in val_terms.items()},
-                "lr": lr,
-                "seconds": seconds,
-            }
-            tracker.log_epoch(step, metrics)
-            log.info(
-                "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
-                "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
-                epoch,
-                trainer.epochs,
-                train_terms["loss"],
-                train_terms["recon"],
-                train_terms["kld"],
-                val_terms["loss"],
-                val_terms["recon"],
-                val_terms["kld"],
-                seconds,
-            )
+                with bar:
+                    try:
+                        train_epoch(
+                            model, loss_fn, optimizer, data.train, tracker, pos, trainer, bar, stop
+                        )
+                    except NonFiniteLoss as e:
+                        kept = (
+                            f"The last good checkpoint is kept: {checkpoints / 'last.pt'} "
+                            f"(epoch {pos.epoch})."
+                            if (checkpoints / "last.pt").is_file()
+                            else "No checkpoint had been written yet."
+                        )
+                        raise NonFiniteLoss(f"{e} Training stopped. {kept}") from None
+                if stop.signal_name is not None:
+                    state = checkpoint_state(
+                        model, optimizer, scheduler, pos, config, None, data, tracker
+                    )
+                    state["rng"]["data"] = data_rng  # replay this epoch's order on resume
+                    save_checkpoint(checkpoints / "last.pt", state)
+                    raise Preempted(
+                        f"Stopped by {stop.signal_name} in epoch {epoch} after step {pos.step}; "
+                        f"checkpoint {checkpoints / 'last.pt'} holds that step. Continue with "
+                        f"trainer.resume={run_dir}",
+                        stop.signal_number,
+                    )
+                train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
+                val_terms = validate(model, loss_fn, data.val, trainer.seed)
+                lr = optimizer.param_groups[0]["lr"]
+                if scheduler is not None:
+                    scheduler.step()
+                seconds = time.perf_counter() - start
+                pos.epoch, pos.batches_done, pos.epoch_steps, pos.sums = epoch, 0, 0, {}
+                metrics = {
+                    "epoch": epoch,
+                    "step": pos.step,
+                    **{f"train/{k}": v for k, v in train_terms.items()},
+                    **{f"val/{k}": v for k, v in val_terms.items()},
+                    "lr": lr,
+                    "skipped_steps": pos.skipped,
+                    "seconds": seconds,
+                }
+                tracker.log_epoch(pos.step, metrics)
+                log.info(
+                    "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
+                    "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
+                    epoch,
+                    trainer.epochs,
+                    train_terms["loss"],
+                    train_terms["recon"],
+                    train_terms["kld"],
+                    val_terms["loss"],
+                    val_terms["recon"],
+                    val_terms["kld"],
+                    seconds,
+                )
 
-            # Pictures: prior samples from the fixed z; fixed validation images over their
-            # reconstructions from the posterior mean.
-            model.eval()
-            with torch.no_grad():
-                samples = model.to_image(model.decode(fixed_z))
-                recons = model.to_image(model.decode(model.encode(fixed_x).mu))
-            value_range = loss_fn.pixel_range
-            tracker.log_image(
-                step, epoch, "samples", image_grid(samples, trainer.sample_grid, value_range)
-            )
-            tracker.log_image(
-                step,
-                epoch,
-                "reconstructions",
-                image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range),
-            )
+                # Pictures: prior samples from the fixed z; fixed validation images over their
+                # reconstructions from the posterior mean.
+                model.eval()
+                with torch.no_grad():
+                    samples = model.to_image(model.decode(fixed_z))
+                    recons = model.to_image(model.decode(model.encode(fixed_x).mu))
+                value_range = loss_fn.pixel_range
+                tracker.log_image(
+                    pos.step,
+                    epoch,
+                    "samples",
+                    image_grid(samples, trainer.sample_grid, value_range),
+                )
+                tracker.log_image(
+                    pos.step,
+                    epoch,
+                    "reconstructions",
+                    image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range),
+                )
 
-            state = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "epoch": epoch,
-                "step": step,
-                "config": config,
-                "metrics": metrics,
-            }
-            if trainer.checkpoint.save_last:
-                save_checkpoint(run_dir / "checkpoints" / "last.pt", state)
-            if val_terms["loss"] < best:
-                best = val_terms["loss"]
-                if trainer.checkpoint.save_best:
-                    save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
-    except BaseException:
-        tracker.finish(exit_code=1)
+                improved = val_terms["loss"] < pos.best_val_loss
+                pos.best_val_loss = min(pos.best_val_loss, val_terms["loss"])
+                state = checkpoint_state(
+                    model, optimizer, scheduler, pos, config, metrics, data, tracker
+                )
+                if trainer.checkpoint.save_last:
+                    save_checkpoint(checkpoints / "last.pt", state)
+                if improved and trainer.checkpoint.save_best:
+                    save_checkpoint(checkpoints / "best.pt", state)
+    except BaseException as e:
+        tracker.finish(exit_code=getattr(e, "exit_code", 1), preempted=isinstance(e, Preempted))
         raise
     tracker.finish(exit_code=0)
-    return best
+    return pos.best_val_loss

@@ -1,0 +1,223 @@
+"""Runs that survive: resume, preemption, atomic checkpoints, NaNs and W&B outages."""
+
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import wandb_records
+from tests.conftest import REPO, TINY, run_cli
+from vae_exp.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+
+LONG = [  # 512 steps an epoch (about 2 s): room to signal a run in the middle of an epoch
+    a for a in TINY if not a.startswith(("data.limit", "trainer.epochs"))
+] + ["data.limit=2048", "data.batch_size=4", "trainer.epochs=3", "trainer.log_every=64"]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def same_losses(a: list[dict], b: list[dict]) -> None:
+    assert [m["epoch"] for m in a] == [m["epoch"] for m in b]
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("train/loss", "train/kld", "val/loss", "val/recon", "val/kld"):
+            assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-9), key
+
+
+def wandb_run(run_dir: Path) -> tuple[str, int | None]:
+    [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    records = wandb_records.read_records(path)
+    return wandb_records.run_info(records).run_id, wandb_records.exit_code(records)
+
+
+def test_resume_after_epoch_one_matches_an_uninterrupted_run(mnist_root, tmp_path):
+    env = {"WANDB_MODE": "offline"}
+    args = [*TINY, "trainer.epochs=3"]
+    full = run_cli([*args, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
+    first = run_cli(
+        [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path, env=env
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    resumed = run_cli(
+        [*args, f"trainer.resume={tmp_path / 'first'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    same_losses(metrics(tmp_path / "full"), metrics(tmp_path / "resumed"))
+    # the same W&B run goes on
+    assert wandb_run(tmp_path / "first")[0] == wandb_run(tmp_path / "resumed")[0]
+    assert wandb_run(tmp_path / "first")[0] != wandb_run(tmp_path / "full")[0]
+
+
+def test_resume_auto_and_a_checkpoint_of_another_experiment(mnist_root, tmp_path):
+    base = [*TINY, "logger=none"]
+    for name, latent in (("a", 8), ("b", 4)):  # b is newer but another experiment
+        result = run_cli(
+            [
+                *base,
+                "trainer.epochs=1",
+                f"model.latent_dim={latent}",
+                f"hydra.run.dir=outputs/{name}",
+            ],
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    auto = run_cli([*base, "trainer.resume=auto", "hydra.run.dir=outputs/c"], cwd=tmp_path)
+    assert auto.returncode == 0, auto.stderr[-2000:]
+    assert f"resuming {tmp_path / 'outputs' / 'a'}" in auto.stdout + auto.stderr
+    assert [m["epoch"] for m in metrics(tmp_path / "outputs" / "c")] == [1, 2]
+
+    wrong = run_cli(
+        [
+            *base,
+            "model.latent_dim=16",
+            f"trainer.resume={tmp_path / 'outputs/a'}",
+            "hydra.run.dir=outputs/d",
+        ],
+        cwd=tmp_path,
+    )
+    output = wrong.stdout + wrong.stderr
+    assert wrong.returncode == 2
+    assert "made for another experiment" in output and "model.latent_dim: 8 -> 16" in output
+    missing = run_cli([*base, "trainer.resume=nowhere", "hydra.run.dir=outputs/e"], cwd=tmp_path)
+    assert missing.returncode == 2 and "trainer.resume='nowhere'" in missing.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
+    sig, mnist_root, tmp_path
+):
+    env = {"WANDB_MODE": "offline"}
+    full = run_cli([*LONG, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    log_path = tmp_path / "stopped.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vae_exp", *LONG, f"hydra.run.dir={tmp_path / 'stopped'}"],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**run_env(), "WANDB_MODE": "offline"},
+        )
+        deadline = time.time() + 120
+        while "epoch 1/3" not in log_path.read_text() and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        code = proc.wait(timeout=120)
+    output = log_path.read_text()
+    assert code == 128 + sig, output[-2000:]
+    assert f"Stopped by {sig.name}" in output and "Traceback" not in output
+    state = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "last.pt")
+    position = state["position"]
+    assert position["epoch"] == 1 and 0 < position["batches_done"] < 512  # mid-epoch
+    assert position["step"] == 512 + position["batches_done"]
+    run_id, exit_code = wandb_run(tmp_path / "stopped")
+    assert exit_code == 128 + sig  # the W&B run is marked as failed / preempted
+
+    resumed = run_cli(
+        [*LONG, f"trainer.resume={tmp_path / 'stopped'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    same_losses(metrics(tmp_path / "full"), metrics(tmp_path / "resumed"))
+    assert wandb_run(tmp_path / "resumed")[0] == run_id
+
+
+def run_env() -> dict:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
+
+
+def test_an_exploding_learning_rate_stops_with_the_step_and_keeps_the_good_checkpoint(
+    mnist_root, tmp_path
+):
+    run_dir = tmp_path / "run"
+    # epoch 1 at lr 5e-4, then the step schedule multiplies it by 1e8: the loss blows up
+    args = [
+        *TINY,
+        "logger=none",
+        "trainer.epochs=3",
+        "optim/scheduler=step",
+        "optim.scheduler.step_size=1",
+        "optim.scheduler.gamma=1e8",
+    ]
+    result = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 3
+    assert "Non-finite loss or gradient at step" in output and "loss=" in output
+    assert "The last good checkpoint is kept" in output and "Traceback" not in output
+    step = int(output.split("Non-finite loss or gradient at step ")[1].split(":")[0])
+    assert step > 4  # epoch 1 (4 steps) was fine
+    assert [m["epoch"] for m in metrics(run_dir)] == [1]
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    skipping = run_cli(
+        [*args, "trainer.skip_nonfinite=2", f"hydra.run.dir={tmp_path / 's'}"], cwd=tmp_path
+    )
+    output = skipping.stdout + skipping.stderr
+    assert skipping.returncode == 3
+    assert output.count("skipped non-finite step") == 3  # two allowed, the third stops it
+    assert "trainer.skip_nonfinite (now 2)" in output
+
+
+def test_checkpoints_are_atomic_and_verified(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"model": {"w": torch.ones(3)}, "epoch": 1})
+    good = path.read_bytes()
+    with pytest.raises(pickle.PicklingError):  # torch.save cannot write it: the old file stays
+        save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "bad": lambda: None})
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary files left
+    state = torch.load(path, weights_only=True)
+    assert state["format_version"] == FORMAT_VERSION and state["epoch"] == 1
+
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="truncated.pt is unreadable"):
+        load_checkpoint(truncated)
+    other = tmp_path / "other.pt"
+    torch.save({"format_version": 99}, other)
+    with pytest.raises(ValueError, match="other.pt has format_version 99"):
+        load_checkpoint(other)
+
+
+def test_wandb_unreachable_falls_back_to_offline(mnist_root, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [
+            *TINY,
+            "trainer.epochs=1",
+            "logger.mode=online",
+            "logger.init_timeout=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env={
+            "WANDB_BASE_URL": "http://127.0.0.1:9",
+            "WANDB_API_KEY": "a" * 40,
+            "HOME": str(tmp_path),
+        },
+        timeout=240,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "could not start online" in output and "wandb sync" in output
+    run_id, exit_code = wandb_run(run_dir)
+    assert exit_code == 0 and len(metrics(run_dir)) == 1
