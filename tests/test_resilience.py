@@ -1,7 +1,9 @@
 """Runs that survive: resume, preemption, atomic checkpoints, NaNs and W&B outages."""
 
 import json
+import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -137,8 +139,6 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
 
 
 def run_env() -> dict:
-    import os
-
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {**env, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
 
@@ -221,3 +221,54 @@ def test_wandb_unreachable_falls_back_to_offline(mnist_root, tmp_path):
     assert "could not start online" in output and "wandb sync" in output
     run_id, exit_code = wandb_run(run_dir)
     assert exit_code == 0 and len(metrics(run_dir)) == 1
+
+
+def submitit_job_pids(folder: Path) -> list[int]:
+    """PIDs of the submitit job processes whose job folder lies under `folder`."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "submitit.core._submit" in cmdline and str(folder) in cmdline:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_preempted_submitit_job_is_requeued_and_resumes(mnist_root, tmp_path):
+    """launcher=submitit_local: SIGUSR2 (what SLURM sends via submitit before a preemption)
+    mid-epoch; the job checkpoints its step, submitit requeues it, and it resumes to the same
+    losses as an uninterrupted run."""
+    full = run_cli([*LONG, "logger=none", f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path)
+    assert full.returncode == 0, full.stderr[-2000:]
+    sweep = tmp_path / "sweep"
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "vae_exp",
+                "--multirun",
+                "launcher=submitit_local",
+                *LONG,
+                "logger=none",
+                f"hydra.sweep.dir={sweep}",
+            ],
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=run_env(),
+        )
+        job_log = sweep / "0" / "vae_exp.log"
+        deadline = time.time() + 120
+        while time.time() < deadline and not (
+            job_log.is_file() and "epoch 1/3" in job_log.read_text()
+        ):
+            time.sleep(0.02)
+        [pid] = submitit_job_pids(sweep)
+        os.kill(pid, signal.SIGUSR2)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    resumed = re.search(r"epoch 1 done, (\d+) batches into the next", job_log.read_text())
+    assert resumed and int(resumed.group(1)) > 0  # resumed in the middle of epoch 2
+    same_losses(metrics(tmp_path / "full"), metrics(sweep / "0"))

@@ -1,5 +1,8 @@
-"""Stopping cleanly on SIGTERM / SIGINT (cluster preemption, Ctrl-C): the loop finishes its
-current step, writes a checkpoint and exits non-zero; a second Ctrl-C stops at once."""
+"""Stopping cleanly on SIGTERM / SIGINT / SIGUSR2 (cluster preemption, Ctrl-C): the loop
+finishes its current step, writes a checkpoint and exits non-zero; a second Ctrl-C stops at
+once. SIGUSR2 is what submitit sends before a SLURM preemption or time-out: after the
+checkpoint, submitit's own handler then requeues the job (which resumes with
+`trainer.resume=auto`)."""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ from types import FrameType
 
 
 class StopRequest:
-    """While active (a `with` block in the main thread), records the first SIGTERM or SIGINT
-    in `signal_name` instead of dying; the training loop checks it after every step."""
+    """While active (a `with` block in the main thread), records the first caught signal in
+    `signal_name` instead of dying; the training loop checks it after every step."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
@@ -23,6 +26,14 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now
         self.signal_name, self.signal_number = signal.Signals(signum).name, signum
+
+    def hand_over(self) -> None:
+        """Once the checkpoint is written: pass the caught signal on to the handler that was
+        installed before ours, if it is a Python function (submitit's requeue handler)."""
+        previous = self._previous.get(self.signal_number)
+        if callable(previous):
+            self.__exit__()
+            previous(self.signal_number, None)
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():

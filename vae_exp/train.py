@@ -353,6 +353,9 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                     )
                     state["rng"]["data"] = data_rng  # replay this epoch's order on resume
                     save_checkpoint(checkpoints / "last.pt", state)
+                    code = 128 + stop.signal_number
+                    tracker.finish(exit_code=code, preempted=True)
+                    stop.hand_over()  # under submitit: requeue this job, then exit
                     raise Preempted(
                         f"Stopped by {stop.signal_name} in epoch {epoch} after step {pos.step}; "
                         f"checkpoint {checkpoints / 'last.pt'} holds that step. Continue with "
