@@ -32,6 +32,8 @@ def test_every_group_has_its_options():
 CASES = [(g, o) for g in GROUPS for o in options(g)] + [
     ("optim/scheduler", "cosine"),
     ("optim/scheduler", "step"),
+    ("launcher", "submitit_local"),
+    ("launcher", "slurm"),
 ]
 
 
@@ -54,6 +56,7 @@ def test_option_composes_and_builds(group, option, tmp_path):
     assert out.recon.shape == x.shape
     assert set(loss_fn(out, x)) == {"loss", "recon", "kld", "weighted_kld"}
     assert (scheduler is not None) == (group == "optim/scheduler")
+    assert (cfg.trainer.resume == "auto") == (group == "launcher")  # requeued jobs resume
     assert optimizer.param_groups[0]["lr"] > 0
 
 

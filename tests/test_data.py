@@ -166,6 +166,13 @@ def test_cifar10_python_batches(mnist_root, tmp_path):
     assert train.shape == (50, 32, 32, 3) and test.shape == (10, 32, 32, 3)
     assert np.array_equal(train[7, 2:30, 2:30, 1], digits[7])
     assert train_labels.tolist() == labels[:50].tolist()
+    with open(folder / "test_batch", "wb") as f:  # grey 28x28 rows: 784 values, not 3072
+        pickle.dump({"data": digits[:10].reshape(10, -1), "labels": [0] * 10}, f)
+    with pytest.raises(ConfigError, match=r"test_batch holds data of shape \(10, 784\)"):
+        load_cifar10_split(tmp_path, "test", download=False)
+    (folder / "test_batch").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match="test_batch is not a CIFAR-10 batch"):
+        load_cifar10_split(tmp_path, "test", download=False)
     (folder / "test_batch").unlink()
     with pytest.raises(DataNotFoundError, match="test_batch missing"):
         load_cifar10_split(tmp_path, "test", download=False)
@@ -183,3 +190,35 @@ def test_a_final_batch_of_one_is_skipped_in_training_only():
     model = ConvVAE(1, 32)  # 1x1 feature maps: BatchNorm cannot train on a batch of one
     for x, _ in train:
         MSEKLD()(model(x), x)["loss"].backward()
+
+
+def test_idx_files_with_wrong_headers_or_shapes(mnist_root, tmp_path):
+    raw = mnist_root / "MNIST" / "raw"
+    images = gzip.decompress((raw / "t10k-images-idx3-ubyte.gz").read_bytes())
+    labels = gzip.decompress((raw / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    folder = tmp_path / "MNIST" / "raw"
+    folder.mkdir(parents=True)
+
+    (folder / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x0d\x03" + images[4:])  # floats
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(labels)
+    with pytest.raises(ConfigError, match="t10k-images-idx3-ubyte is not an IDX file"):
+        load_idx_split("mnist", tmp_path, "test", download=False)
+
+    (folder / "t10k-images-idx3-ubyte").write_bytes(labels)  # a 1-D array where images belong
+    with pytest.raises(ConfigError, match=r"shape \(10000,\); mnist images must be N x H x W"):
+        load_idx_split("mnist", tmp_path, "test", download=False)
+
+    (folder / "t10k-images-idx3-ubyte").write_bytes(images)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(labels[:-10] + b"")  # header says 10000
+    with pytest.raises(ConfigError, match="t10k-labels-idx1-ubyte is truncated"):
+        load_idx_split("mnist", tmp_path, "test", download=False)
+
+
+def test_replaying_a_pass_from_a_batch_resumes_its_order():
+    images = torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1)
+    gen = torch.Generator().manual_seed(3)
+    batches = TensorBatches(images, torch.arange(20), 3, True, (0.0, 1.0), gen)
+    state = gen.get_state()
+    full = [y.tolist() for _, y in batches.iterate()]
+    gen.set_state(state)
+    assert [y.tolist() for _, y in batches.iterate(start=4)] == full[4:]

@@ -9,6 +9,7 @@ under the key's full name.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import re
 from collections.abc import Mapping
@@ -250,11 +251,38 @@ def read_logger(section: Mapping) -> LoggerConfig:
     return lg
 
 
-def instantiate_checked(section: DictConfig, key: str, **kwargs: Any) -> Any:
-    """`hydra.utils.instantiate` whose argument errors become ConfigErrors naming `key`."""
+def check_target_keys(section: DictConfig, key: str, supplied: tuple[str, ...] = ()) -> None:
+    """Every key of a `_target_` config must be a parameter of its target; `supplied` are
+    the parameters the code passes itself (not config keys)."""
+    from hydra.utils import get_object
+
+    try:
+        target = get_object(section._target_)
+        params = inspect.signature(target).parameters
+    except Exception as e:
+        raise ConfigError(
+            f"Invalid config: {key}._target_={section.get('_target_')!r} cannot be used: {e}"
+        ) from e
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the target takes any keyword
+    allowed = [n for n in params if n not in supplied and n != "self"]
+    for name in section:
+        if not str(name).startswith("_") and name not in allowed:
+            raise ConfigError(
+                f"Invalid config: unknown key {key}.{name}; the keys of {key} "
+                f"({section._target_}) are {', '.join(allowed)}."
+            )
+
+
+def instantiate_checked(
+    section: DictConfig, key: str, supplied: tuple[str, ...] = (), **kwargs: Any
+) -> Any:
+    """`hydra.utils.instantiate` after `check_target_keys`; errors in the target's arguments
+    become ConfigErrors naming `key`. `kwargs` are passed on to the target."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    check_target_keys(section, key, supplied + tuple(kwargs))
     try:
         return instantiate(section, **kwargs)
     except InstantiationException as e:

@@ -108,8 +108,16 @@ def load_idx_split(
             + ", or train / validate on another split (data.train_split, data.val_split)."
         )
     images, labels = (read_idx(p) for p in found)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ConfigError(f"{found[0]} and {found[1]} do not form an image/label pair")
+    if images.ndim != 3:
+        raise ConfigError(
+            f"{found[0]} holds an array of shape {images.shape}; {name} images must be "
+            "N x H x W (one grey channel)"
+        )
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise ConfigError(
+            f"{found[1]} holds labels of shape {labels.shape} for {len(images)} images in "
+            f"{found[0]}; expected ({len(images)},)"
+        )
     return images, labels
 
 
@@ -145,10 +153,20 @@ def load_cifar10_split(root: Path, split: str, download: bool) -> tuple[np.ndarr
         )
     images, labels = [], []
     for n in names:
-        with open(folder / n, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch["labels"], dtype=np.int64))
+        try:
+            with open(folder / n, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            rows = np.asarray(batch["data"], dtype=np.uint8)
+            batch_labels = np.asarray(batch["labels"], dtype=np.int64)
+        except Exception as e:
+            raise ConfigError(f"{folder / n} is not a CIFAR-10 batch: {one_line(e)}") from e
+        if rows.ndim != 2 or rows.shape[1] != 3 * 32 * 32 or len(batch_labels) != len(rows):
+            raise ConfigError(
+                f"{folder / n} holds data of shape {rows.shape} and {len(batch_labels)} labels; "
+                "CIFAR-10 rows are 3072 values (3 channels x 32 x 32), one label each"
+            )
+        images.append(rows.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels)
     return np.concatenate(images).transpose(0, 2, 3, 1), np.concatenate(labels)
 
 

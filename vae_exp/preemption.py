@@ -31,7 +31,7 @@ class StopRequest:
         """Once the checkpoint is written: pass the caught signal on to the handler that was
         installed before ours, if it is a Python function (submitit's requeue handler)."""
         previous = self._previous.get(self.signal_number)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             self.__exit__()
             previous(self.signal_number, None)
 

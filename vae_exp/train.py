@@ -72,14 +72,18 @@ def build_optimizer(cfg: DictConfig, model: VAE, epochs: int):
     The scheduler is first tried for `epochs` steps on a throwaway optimizer, so a bad setting
     fails now rather than after an epoch of training."""
     check_optimizer(cfg.optim)
-    make_optimizer = instantiate_checked(cfg.optim.optimizer, "optim.optimizer")
+    make_optimizer = instantiate_checked(
+        cfg.optim.optimizer, "optim.optimizer", supplied=("params",)
+    )
     try:
         optimizer = make_optimizer(model.parameters())
     except (TypeError, ValueError) as e:
         raise ConfigError(f"Invalid config for optim.optimizer: {e}") from e
     if cfg.optim.get("scheduler") is None:
         return optimizer, None
-    make_scheduler = instantiate_checked(cfg.optim.scheduler, "optim.scheduler")
+    make_scheduler = instantiate_checked(
+        cfg.optim.scheduler, "optim.scheduler", supplied=("optimizer",)
+    )
     try:
         accepted = inspect.signature(type(optimizer)).parameters
         settings = {k: v for k, v in optimizer.defaults.items() if k in accepted}
