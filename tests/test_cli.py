@@ -110,7 +110,7 @@ def test_wandb_offline_run_is_complete(mnist_root, tmp_path):
     train_rows = [r for r in rows if "train/loss" in r]
     epoch_rows = [r for r in rows if "val/loss" in r]
     # 4 steps an epoch logged every 2 steps, 2 epochs: steps 2, 4, 6, 8
-    assert [r["_step"] for r in train_rows] == [2, 4, 6, 8]
+    assert [r["step"] for r in train_rows] == [2, 4, 6, 8]
     assert {"train/recon", "train/kld", "train/weighted_kld"} <= set(train_rows[0])
     assert [r["epoch"] for r in epoch_rows] == [1, 2]
     keys = {"val/recon", "val/kld", "val/weighted_kld", "train_epoch/loss", "train_epoch/kld"}

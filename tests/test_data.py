@@ -85,8 +85,14 @@ def test_folder_of_real_images(mnist_root, tmp_path):
     index = int(train_files[0].stem)
     assert torch.equal(x, prepare_images(images[index : index + 1], 32, 1)[0])
     assert y == sorted({f"class_{v}" for v in labels[:40]}).index(train_files[0].parent.name)
-    rgb, _ = ImageFiles(train_files, train_labels, size=16, channels=3)[0]
-    assert rgb.shape == (3, 16, 16)
+    with pytest.raises(ConfigError, match=r"has 1 channel\(s\) \(mode L\) but data.channels=3"):
+        ImageFiles(train_files, train_labels, size=16, channels=3)[0]
+    Image.fromarray(np.stack([images[0]] * 3, axis=-1)).save(tmp_path / "rgb.png")
+    rgb, _ = ImageFiles([tmp_path / "rgb.png"], [0], size=16, channels=3)[0]
+    assert rgb.shape == (3, 16, 16) and torch.equal(rgb[0], rgb[2])
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ConfigError, match="broken.png is not a readable image"):
+        ImageFiles([tmp_path / "broken.png"], [0], size=16, channels=1)[0]
 
 
 def test_folder_with_split_subfolders(mnist_root, tmp_path):

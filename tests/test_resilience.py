@@ -17,9 +17,20 @@ from tests import wandb_records
 from tests.conftest import REPO, TINY, run_cli
 from vae_exp.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
-LONG = [  # 512 steps an epoch (about 2 s): room to signal a run in the middle of an epoch
-    a for a in TINY if not a.startswith(("data.limit", "trainer.epochs"))
-] + ["data.limit=2048", "data.batch_size=4", "trainer.epochs=3", "trainer.log_every=64"]
+LONG = [  # 512 steps an epoch (about 2 s): room to signal a run in the middle of an epoch;
+    # an LR schedule, so resuming must restore it too
+    a
+    for a in TINY
+    if not a.startswith(("data.limit", "trainer.epochs", "trainer.progress"))
+] + [
+    "data.limit=2048",
+    "data.batch_size=4",
+    "trainer.epochs=3",
+    "trainer.log_every=64",
+    "optim/scheduler=step",
+    "optim.scheduler.step_size=1",
+    "optim.scheduler.gamma=0.5",
+]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -40,13 +51,31 @@ def wandb_run(run_dir: Path) -> tuple[str, int | None]:
     return wandb_records.run_info(records).run_id, wandb_records.exit_code(records)
 
 
-def test_resume_after_epoch_one_matches_an_uninterrupted_run(mnist_root, tmp_path):
+FOLDER = [
+    "data=folder",
+    "data.channels=1",
+    "data.image_size=32",
+    "data.num_workers=1",
+    "data.train_split=train",
+]
+
+
+@pytest.mark.parametrize("source", ["device", "folder"])
+def test_resume_after_epoch_one_matches_an_uninterrupted_run(source, mnist_root, tmp_path):
     env = {"WANDB_MODE": "offline"}
     args = [*TINY, "trainer.epochs=3"]
+    if source == "folder":  # DataLoader workers: their seeds must not shift training's RNG
+        from tests.test_data import write_pngs
+        from vae_exp.data import load_idx_split
+
+        images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+        write_pngs(tmp_path / "digits" / "train", images[:96], labels[:96])
+        write_pngs(tmp_path / "digits" / "test", images[96:128], labels[96:128])
+        args += [*FOLDER, f"data.root={tmp_path / 'digits'}"]
     full = run_cli([*args, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, env=env)
     assert full.returncode == 0, full.stderr[-2000:]
     first = run_cli(
-        [*TINY, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path, env=env
+        [*args, "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'first'}"], cwd=tmp_path, env=env
     )
     assert first.returncode == 0, first.stderr[-2000:]
     resumed = run_cli(
@@ -57,6 +86,7 @@ def test_resume_after_epoch_one_matches_an_uninterrupted_run(mnist_root, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming" in resumed.stdout + resumed.stderr
     same_losses(metrics(tmp_path / "full"), metrics(tmp_path / "resumed"))
+    assert (tmp_path / "resumed" / "checkpoints" / "best.pt").is_file()
     # the same W&B run goes on
     assert wandb_run(tmp_path / "first")[0] == wandb_run(tmp_path / "resumed")[0]
     assert wandb_run(tmp_path / "first")[0] != wandb_run(tmp_path / "full")[0]
@@ -94,6 +124,34 @@ def test_resume_auto_and_a_checkpoint_of_another_experiment(mnist_root, tmp_path
     assert "made for another experiment" in output and "model.latent_dim: 8 -> 16" in output
     missing = run_cli([*base, "trainer.resume=nowhere", "hydra.run.dir=outputs/e"], cwd=tmp_path)
     assert missing.returncode == 2 and "trainer.resume='nowhere'" in missing.stdout
+    done = run_cli(
+        [
+            *base,
+            "trainer.epochs=1",
+            f"trainer.resume={tmp_path / 'outputs/a'}",
+            "hydra.run.dir=outputs/f",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2 and "has already trained 1 epochs" in done.stdout
+
+    # auto: the newest run of this config (c) is finished, so a fresh run starts ...
+    fresh = run_cli([*base, "trainer.resume=auto", "hydra.run.dir=outputs/g"], cwd=tmp_path)
+    assert "no unfinished run of this experiment" in fresh.stdout
+    # ... and a requeued job takes its own checkpoint before any newer one
+    again = run_cli(
+        [*base, "trainer.epochs=3", "trainer.resume=auto", "hydra.run.dir=outputs/a"], cwd=tmp_path
+    )
+    assert f"resuming {tmp_path / 'outputs' / 'a' / 'checkpoints'}" in again.stdout
+
+    last = tmp_path / "outputs" / "a" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    broken = run_cli(
+        [*base, "trainer.epochs=5", f"trainer.resume={last}", "hydra.run.dir=outputs/h"],
+        cwd=tmp_path,
+    )
+    assert broken.returncode == 2 and "is unreadable (truncated or corrupt?)" in broken.stdout
+    assert "Traceback" not in broken.stdout + broken.stderr
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -113,8 +171,10 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
             stderr=subprocess.STDOUT,
             env={**run_env(), "WANDB_MODE": "offline"},
         )
-        deadline = time.time() + 120
-        while "epoch 1/3" not in log_path.read_text() and time.time() < deadline:
+        # wait for the progress bar to show epoch 2 under way, then signal
+        deadline = time.time() + 300
+        while not re.search(r"Epoch 2/3: +\d+%\|[^\n\r]*\| [1-9]\d*/512", log_path.read_text()):
+            assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-2000:]
             time.sleep(0.02)
         proc.send_signal(sig)
         code = proc.wait(timeout=120)
@@ -126,7 +186,10 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
     assert position["epoch"] == 1 and 0 < position["batches_done"] < 512  # mid-epoch
     assert position["step"] == 512 + position["batches_done"]
     run_id, exit_code = wandb_run(tmp_path / "stopped")
-    assert exit_code == 128 + sig  # the W&B run is marked as failed / preempted
+    assert exit_code == 128 + sig  # the W&B run is marked as failed ...
+    [path] = (tmp_path / "stopped").glob("wandb/offline-run-*/run-*.wandb")
+    kinds = [r.WhichOneof("record_type") for r in wandb_records.read_records(path)]
+    assert "preempting" in kinds  # ... and as preempted
 
     resumed = run_cli(
         [*LONG, f"trainer.resume={tmp_path / 'stopped'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
@@ -261,10 +324,13 @@ def test_preempted_submitit_job_is_requeued_and_resumes(mnist_root, tmp_path):
             env=run_env(),
         )
         job_log = sweep / "0" / "vae_exp.log"
-        deadline = time.time() + 120
-        while time.time() < deadline and not (
-            job_log.is_file() and "epoch 1/3" in job_log.read_text()
-        ):
+
+        def progress() -> str:  # the job's stderr, where its progress bar goes
+            return "".join(p.read_text() for p in sweep.glob(".submitit/*/*_0_log.err"))
+
+        deadline = time.time() + 300
+        while not re.search(r"Epoch 2/3: +\d+%\|[^\n\r]*\| [1-9]\d*/512", progress()):
+            assert time.time() < deadline and proc.poll() is None, progress()[-2000:]
             time.sleep(0.02)
         [pid] = submitit_job_pids(sweep)
         os.kill(pid, signal.SIGUSR2)
@@ -272,3 +338,37 @@ def test_preempted_submitit_job_is_requeued_and_resumes(mnist_root, tmp_path):
     resumed = re.search(r"epoch 1 done, (\d+) batches into the next", job_log.read_text())
     assert resumed and int(resumed.group(1)) > 0  # resumed in the middle of epoch 2
     same_losses(metrics(tmp_path / "full"), metrics(sweep / "0"))
+
+
+def test_a_failing_job_does_not_stop_the_sweep(mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "--multirun",
+            *TINY,
+            "logger=none",
+            "trainer.epochs=3",
+            "optim/scheduler=step",
+            "optim.scheduler.step_size=1",
+            "optim.scheduler.gamma=1e8,0.5",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0  # the sweep reports its failed job ...
+    assert "Non-finite loss or gradient" in (sweep / "0" / "vae_exp.log").read_text()
+    assert [m["epoch"] for m in metrics(sweep / "1")] == [1, 2, 3]  # ... after running the rest
+
+
+def test_a_corrupted_checkpoint_is_detected(tmp_path):
+    path = tmp_path / "last.pt"
+    weights = torch.linspace(-1, 1, 4096)
+    save_checkpoint(path, {"model": {"w": weights}, "epoch": 1})
+    data = bytearray(path.read_bytes())
+    offset = bytes(data).find(weights.numpy().tobytes()[:64])
+    assert offset > 0
+    data[offset + 100] ^= 0x01  # one flipped bit inside the tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="last.pt is corrupt: its checksum does not match"):
+        load_checkpoint(path)
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # readable by others (umask)

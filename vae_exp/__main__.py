@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from vae_exp.config import ConfigError
@@ -20,16 +21,16 @@ log = logging.getLogger("vae_exp")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one run (one job of a sweep); returns the best validation loss."""
-    from vae_exp.train import TrainingStopped, run
+    from vae_exp.train import Preempted, TrainingStopped, run
 
+    hydra_cfg = HydraConfig.get()
     try:
-        return run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ConfigError as e:
+        return run(cfg, Path(hydra_cfg.runtime.output_dir))
+    except (ConfigError, TrainingStopped) as e:
         log.error("%s", e)
-        sys.exit(2)
-    except TrainingStopped as e:
-        log.error("%s", e)
-        sys.exit(e.exit_code)
+        if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(e, Preempted):
+            raise  # the sweep's other jobs go on; Hydra reports this job as failed at the end
+        sys.exit(getattr(e, "exit_code", 2))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -9,40 +11,91 @@ from typing import Any
 
 import torch
 
+from vae_exp.config import ConfigError, one_line
+
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that is missing, unreadable, corrupt, or of another format or experiment."""
+
+
+def checksum(state: Any) -> str:
+    """SHA-256 over every value of `state` (tensors by their bytes), in a fixed order: a
+    checkpoint whose bytes changed after writing no longer matches its stored checksum."""
+    digest = hashlib.sha256()
+
+    def feed(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{t.dtype}{tuple(value.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(f"K{key!r}".encode())
+                feed(value[key])
+        elif isinstance(value, list | tuple):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                feed(item)
+        else:
+            digest.update(f"V{value!r}".encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write `state` (tensors, numbers, strings, lists and dicts only) to `path` atomically:
-    a temporary file in the same folder is written, flushed to disk, then renamed over `path`,
-    so a crash mid-write never replaces a good checkpoint with a broken one."""
+    a temporary file in the same folder is written, flushed to disk, then renamed over `path`
+    (and the folder flushed), so a crash mid-write never replaces a good checkpoint with a
+    broken one. A checksum of the contents is stored with them."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints are shared like any file
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            torch.save({"format_version": FORMAT_VERSION, "checksum": checksum(state), **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`; errors name the file."""
+    """Load a checkpoint written by `save_checkpoint`, verifying its format version and
+    checksum; every error names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable (truncated or corrupt?): {e}") from e
+        raise CheckpointError(
+            f"checkpoint {path} is unreadable (truncated or corrupt?): {one_line(e)}"
+        ) from e
     version = state.get("format_version") if isinstance(state, dict) else None
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint {path} has format_version {version!r}; this vae_exp reads {FORMAT_VERSION}"
         )
+    stored = state.pop("checksum", None)
+    state.pop("format_version")
+    if stored != checksum(state):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its checksum does not match")
     return state
 
 
@@ -56,6 +109,7 @@ RESUMABLE_CHANGES = (
     "trainer.device",
     "trainer.progress",
     "trainer.log_every",
+    "trainer.skip_nonfinite",
     "data.root",
     "data.num_workers",
     "logger.",
@@ -82,34 +136,39 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def find_resume_checkpoint(resume: str, config: dict, search: list[Path]) -> Path | None:
+def find_resume_checkpoint(
+    resume: str, config: dict, run_dir: Path, search: list[Path], epochs: int
+) -> Path | None:
     """The checkpoint `trainer.resume` names: a checkpoint file, a run directory (its
-    checkpoints/last.pt), or `auto`: the newest checkpoints/last.pt under the `search` folders
-    whose config matches `config` (None when there is none: the run starts fresh)."""
+    checkpoints/last.pt), or `auto`: this run directory's own last.pt if it has one (a
+    requeued job), else the newest checkpoints/last.pt under the `search` folders whose config
+    matches `config`, if that run is unfinished (None otherwise: the run starts anew; older
+    runs of the config are never forked)."""
     if resume != "auto":
         path = Path(resume).expanduser()
         if path.is_dir():
             path = path / "checkpoints" / "last.pt"
         if not path.is_file():
-            from vae_exp.config import ConfigError
-
-            raise ConfigError(
+            raise CheckpointError(
                 f"Invalid config: trainer.resume={resume!r}: no checkpoint at {path}; allowed: "
                 "a checkpoint file, a run directory with checkpoints/last.pt, auto, or null."
             )
         return path
-    candidates = sorted(
-        (p for root in search if root.is_dir() for p in root.rglob("checkpoints/last.pt")),
-        key=lambda p: p.stat().st_mtime,
+    own = run_dir / "checkpoints" / "last.pt"
+    found = [p for root in search if root.is_dir() for p in root.rglob("checkpoints/last.pt")]
+    found = sorted(
+        {p for p in found if p.is_file() and p != own},
+        key=lambda p: p.stat().st_mtime if p.exists() else 0,
         reverse=True,
     )
-    for path in candidates:
+    for path in [own] * own.is_file() + found:
         try:
-            saved = load_checkpoint(path)["config"]
-        except (ValueError, OSError, KeyError):
-            continue  # unreadable or foreign: not a candidate
-        if not config_differences(saved, config):
-            return path
+            state = load_checkpoint(path)
+        except CheckpointError as e:
+            log.warning("trainer.resume=auto: skipping %s: %s", path, e)
+            continue
+        if not config_differences(state["config"], config):  # the newest run of this config
+            return path if state["epoch"] < epochs else None  # finished: start anew
     return None
 
 

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +72,19 @@ class LoggerConfig:
     init_timeout: float = 60.0
 
 
+def one_line(error: BaseException) -> str:
+    """An exception as one line (torchvision's download errors span many)."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 def _fail(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"Invalid config: {key}={value!r}; allowed: {allowed}.")
 
 
 def _read(cls: type, section: Mapping, prefix: str) -> Any:
     """Build dataclass `cls` from a config section; unknown or missing keys are errors."""
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(section) - set(fields))
     if unknown:
@@ -110,6 +117,7 @@ def read_data(section: Mapping) -> DataConfig:
 
     d = _read(DataConfig, section, "data")
     _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
+    _check(isinstance(d.root, str) and d.root != "", "data.root", d.root, "a folder path")
     _check(
         _is_int(d.image_size) and d.image_size >= 1,
         "data.image_size",
@@ -242,6 +250,17 @@ def read_logger(section: Mapping) -> LoggerConfig:
         )
     lg = _read(LoggerConfig, section, "logger")
     _check(lg.mode in WANDB_MODES, "logger.mode", lg.mode, " | ".join(WANDB_MODES))
+    _check(isinstance(lg.project, str) and lg.project, "logger.project", lg.project, "a name")
+    for key in ("entity", "group"):
+        value = getattr(lg, key)
+        _check(value is None or isinstance(value, str), f"logger.{key}", value, "null or a name")
+    _check(
+        isinstance(lg.tags, list) and all(isinstance(t, str) for t in lg.tags),
+        "logger.tags",
+        lg.tags,
+        "a list of strings",
+    )
+    _check(isinstance(lg.log_images, bool), "logger.log_images", lg.log_images, "true or false")
     _check(
         _is_number(lg.init_timeout) and lg.init_timeout > 0,
         "logger.init_timeout",

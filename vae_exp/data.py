@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from vae_exp.config import ConfigError
+from vae_exp.config import ConfigError, one_line
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 SPLITS = ("train", "test")
@@ -58,6 +58,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ConfigError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ConfigError(f"{path} is truncated: its header promises {ndim} dimensions")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(shape):
@@ -66,11 +68,6 @@ def read_idx(path: Path) -> np.ndarray:
             f"({math.prod(shape)} bytes) but it holds {data.size} bytes"
         )
     return data.reshape(shape)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception as one line (torchvision's download errors span many)."""
-    return " ".join(f"{type(error).__name__}: {error}".split())
 
 
 def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
@@ -308,8 +305,22 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        with Image.open(self.files[i]) as img:
-            image = resize_pil(img.convert("L" if self.channels == 1 else "RGB"), self.size)
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                channels = 3 if img.mode == "P" else len(img.getbands())
+                if channels != self.channels:
+                    raise ConfigError(
+                        f"{path} has {channels} channel(s) (mode {img.mode}) but "
+                        f"data.channels={self.channels}; set data.channels to match, or convert "
+                        "the folder's images"
+                    )
+                image = resize_pil(img.convert("L" if self.channels == 1 else "RGB"), self.size)
+        except (OSError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"{path} is not a readable image: {one_line(e)}") from e
         return pil_to_uint8(image), self.labels[i]
 
 
@@ -328,6 +339,7 @@ class LoaderBatches(Batches):
     ) -> None:
         super().__init__(len(dataset), batch_size, shuffle, pixel_range, generator)
         self.dataset, self.num_workers, self.device = dataset, num_workers, device
+        self.worker_seeds = torch.Generator().manual_seed(0)
 
     def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
         loader = DataLoader(
@@ -336,10 +348,16 @@ class LoaderBatches(Batches):
             sampler=order.tolist(),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
+            generator=self.worker_seeds,  # not torch's global RNG, which training draws from
         )
-        for images, labels in loader:
-            images = images.to(self.device, non_blocking=True)
-            yield normalize(images, self.pixel_range), labels.to(self.device, non_blocking=True)
+        try:
+            for images, labels in loader:
+                images = images.to(self.device, non_blocking=True)
+                yield normalize(images, self.pixel_range), labels.to(self.device, non_blocking=True)
+        except ConfigError as e:  # from a worker: its message carries the worker's traceback
+            raise ConfigError(
+                str(e).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
+            ) from None
 
 
 @dataclass

@@ -17,8 +17,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from vae_exp.config import LoggerConfig
-from vae_exp.data import one_line
+from vae_exp.config import LoggerConfig, one_line
 
 log = logging.getLogger(__name__)
 
@@ -118,12 +117,23 @@ class Tracker:
                 return None
             log.warning("W&B could not start online (%s); logging offline instead", one_line(e))
             mode = "offline"
-            run = wandb.init(mode=mode, **init)
+            try:
+                run = wandb.init(mode=mode, **init)
+            except Exception as e:
+                log.warning("W&B failed offline too (%s); run directory only", one_line(e))
+                return None
         if (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
             log.info(
                 "W&B is offline; upload this run later with: wandb sync %s",
                 Path(run.dir).parent,
             )
+        # x-axes: training terms against the optimizer step, epoch values against the epoch.
+        # (W&B's own _step just counts log calls, so a resumed run never goes back in it.)
+        run.define_metric("step")
+        run.define_metric("epoch")
+        run.define_metric("train/*", step_metric="step")
+        for pattern in ("train_epoch/*", "val/*", "lr", "seconds", "samples", "reconstructions"):
+            run.define_metric(pattern, step_metric="epoch")
         return run
 
     @property
@@ -141,26 +151,32 @@ class Tracker:
             self.wandb_run = None
 
     def log_step(self, step: int, metrics: dict[str, float]) -> None:
-        """Training metrics at global step `step`: the mean over the steps since the last
+        """Training metrics at optimizer step `step`: the mean over the steps since the last
         call (every trainer.log_every steps). W&B only; the run directory keeps epochs."""
-        self._wandb("log", metrics, step=step)
+        self._wandb("log", {**metrics, "step": step})
 
-    def log_epoch(self, step: int, metrics: dict[str, Any]) -> None:
+    def log_epoch(self, metrics: dict[str, Any]) -> None:
         """One line of metrics.jsonl, and the same values in W&B, where the epoch means of
         the training terms are named train_epoch/* (W&B's train/* is the per-step series,
         and a value logged at the same step would overwrite it)."""
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         renamed = {k.replace("train/", "train_epoch/", 1): v for k, v in metrics.items()}
-        self._wandb("log", renamed, step=step)
+        self._wandb("log", renamed)
 
-    def log_image(self, step: int, epoch: int, name: str, grid: np.ndarray) -> Path:
+    def log_image(self, epoch: int, name: str, grid: np.ndarray) -> Path:
         """Save `grid` as <run_dir>/<name>/epoch_NNN.png and log it to W&B as `name`."""
         path = self.run_dir / name / f"epoch_{epoch:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(grid).save(path)
         if self.wandb_run is not None and self.logger.log_images:
-            self._wandb("log", {name: self.wandb.Image(grid, caption=f"epoch {epoch}")}, step=step)
+            try:
+                image = self.wandb.Image(grid, caption=f"epoch {epoch}")
+            except Exception as e:
+                log.warning("W&B image failed (%s); W&B logging stops", one_line(e))
+                self.wandb_run = None
+                return path
+            self._wandb("log", {name: image, "epoch": epoch})
         return path
 
     def finish(self, exit_code: int = 0, preempted: bool = False) -> None:

@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -250,9 +251,12 @@ def checkpoint_state(model, optimizer, scheduler, pos, config, metrics, data, tr
     }
 
 
-def resume_from(path: Path, config: dict, model, optimizer, scheduler, data) -> tuple:
+def resume_from(
+    path: Path, config: dict, epochs: int, run_dir: Path, model, optimizer, scheduler, data
+) -> tuple[Position, str | None, list[dict]]:
     """Load the checkpoint at `path` into the model, optimizer, scheduler and RNGs; returns
-    its Position, W&B run id and the metrics of the epochs it completed."""
+    its Position, W&B run id and the metrics of the epochs it completed. The old run's
+    best.pt is copied into `run_dir`, so the best model so far stays with the run."""
     state = load_checkpoint(path)
     differences = config_differences(state["config"], config)
     if differences:
@@ -260,17 +264,30 @@ def resume_from(path: Path, config: dict, model, optimizer, scheduler, data) -> 
             f"Invalid config: trainer.resume: {path} was made for another experiment "
             f"({'; '.join(differences[:5])}). Resume with the same settings, or start a new run."
         )
+    if state["epoch"] >= epochs:
+        raise ConfigError(
+            f"Invalid config: trainer.resume: {path} has already trained {state['epoch']} "
+            f"epochs; allowed: trainer.epochs > {state['epoch']} to train it further."
+        )
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     restore_rng(state["rng"], data.train.generator)
     pos = Position(**state["position"])
-    metrics_file = path.parent.parent / "metrics.jsonl"
+    old_dir = path.parent.parent
     history = []
-    if metrics_file.is_file():
-        history = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    history = [m for m in history if m["epoch"] <= pos.epoch]
+    if (old_dir / "metrics.jsonl").is_file():
+        for line in (old_dir / "metrics.jsonl").read_text().splitlines():
+            try:
+                history.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+    history = [m for m in history if m.get("epoch", math.inf) <= pos.epoch]
+    best = old_dir / "checkpoints" / "best.pt"
+    if best.is_file() and old_dir.resolve() != run_dir.resolve():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
     log.info(
         "resuming %s: epoch %d done, %d batches into the next, step %d",
         path,
@@ -283,7 +300,13 @@ def resume_from(path: Path, config: dict, model, optimizer, scheduler, data) -> 
 
 def run(cfg: DictConfig, run_dir: Path) -> float:
     """Train the experiment described by `cfg`, writing outputs to `run_dir`.
-    Returns the best validation loss (what sweepers minimise)."""
+    Returns the best validation loss (what sweepers minimise). From the start, SIGTERM /
+    SIGINT / SIGUSR2 stop the run cleanly at the next step or epoch boundary."""
+    with StopRequest() as stop:
+        return _run(cfg, run_dir, stop)
+
+
+def _run(cfg: DictConfig, run_dir: Path, stop: StopRequest) -> float:
     # 1. Check and build everything before any data is loaded or step taken.
     data_cfg = read_data(cfg.data)
     check_model_matches_data(cfg.model, data_cfg)
@@ -297,15 +320,17 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_path = None
     if trainer.resume is not None:
-        roots = [Path.cwd() / "outputs", Path.cwd() / "multirun", run_dir]
-        resume_path = find_resume_checkpoint(trainer.resume, config, roots)
+        roots = [Path.cwd() / "outputs", Path.cwd() / "multirun"]
+        resume_path = find_resume_checkpoint(trainer.resume, config, run_dir, roots, trainer.epochs)
         if resume_path is None:
-            log.info("trainer.resume=auto: no checkpoint of this experiment found; starting anew")
+            log.info("trainer.resume=auto: no unfinished run of this experiment; starting anew")
     data = build_data(data_cfg, loss_fn.pixel_range, device, trainer.seed)
 
     pos, wandb_id, history = Position(), None, []
     if resume_path is not None:
-        pos, wandb_id, history = resume_from(resume_path, config, model, optimizer, scheduler, data)
+        pos, wandb_id, history = resume_from(
+            resume_path, config, trainer.epochs, run_dir, model, optimizer, scheduler, data
+        )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
         "%s: %.2fM parameters on %s; %d train / %d val images; outputs in %s",
@@ -322,15 +347,16 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
     fixed_z = torch.randn(trainer.sample_grid**2, model.latent_dim, generator=grid_gen).to(device)
     fixed_x = next(iter(data.val))[0][: trainer.num_reconstructions]
     checkpoints = run_dir / "checkpoints"
+    last_good = resume_path  # the newest checkpoint with finite weights
 
     # 3. Epochs: train, validate, log, draw, checkpoint.
     tracker = Tracker(run_dir, config, logger_cfg, history=history, wandb_id=wandb_id)
     try:
-        with StopRequest() as stop:
-            while pos.epoch < trainer.epochs:
-                epoch = pos.epoch + 1
-                start = time.perf_counter()
-                data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
+        while pos.epoch < trainer.epochs:
+            epoch = pos.epoch + 1
+            start = time.perf_counter()
+            data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
+            if stop.signal_name is None:
                 bar = tqdm(
                     total=len(data.train),
                     initial=pos.batches_done,
@@ -345,87 +371,81 @@ def run(cfg: DictConfig, run_dir: Path) -> float:
                         )
                     except NonFiniteLoss as e:
                         kept = (
-                            f"The last good checkpoint is kept: {checkpoints / 'last.pt'} "
-                            f"(epoch {pos.epoch})."
-                            if (checkpoints / "last.pt").is_file()
+                            f"The last good checkpoint is kept: {last_good}."
+                            if last_good is not None
                             else "No checkpoint had been written yet."
                         )
                         raise NonFiniteLoss(f"{e} Training stopped. {kept}") from None
-                if stop.signal_name is not None:
-                    state = checkpoint_state(
-                        model, optimizer, scheduler, pos, config, None, data, tracker
-                    )
-                    state["rng"]["data"] = data_rng  # replay this epoch's order on resume
-                    save_checkpoint(checkpoints / "last.pt", state)
-                    code = 128 + stop.signal_number
-                    tracker.finish(exit_code=code, preempted=True)
-                    stop.hand_over()  # under submitit: requeue this job, then exit
-                    raise Preempted(
-                        f"Stopped by {stop.signal_name} in epoch {epoch} after step {pos.step}; "
-                        f"checkpoint {checkpoints / 'last.pt'} holds that step. Continue with "
-                        f"trainer.resume={run_dir}",
-                        stop.signal_number,
-                    )
-                train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
-                val_terms = validate(model, loss_fn, data.val, trainer.seed)
-                lr = optimizer.param_groups[0]["lr"]
-                if scheduler is not None:
-                    scheduler.step()
-                seconds = time.perf_counter() - start
-                pos.epoch, pos.batches_done, pos.epoch_steps, pos.sums = epoch, 0, 0, {}
-                metrics = {
-                    "epoch": epoch,
-                    "step": pos.step,
-                    **{f"train/{k}": v for k, v in train_terms.items()},
-                    **{f"val/{k}": v for k, v in val_terms.items()},
-                    "lr": lr,
-                    "skipped_steps": pos.skipped,
-                    "seconds": seconds,
-                }
-                tracker.log_epoch(pos.step, metrics)
-                log.info(
-                    "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
-                    "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
-                    epoch,
-                    trainer.epochs,
-                    train_terms["loss"],
-                    train_terms["recon"],
-                    train_terms["kld"],
-                    val_terms["loss"],
-                    val_terms["recon"],
-                    val_terms["kld"],
-                    seconds,
-                )
-
-                # Pictures: prior samples from the fixed z; fixed validation images over their
-                # reconstructions from the posterior mean.
-                model.eval()
-                with torch.no_grad():
-                    samples = model.to_image(model.decode(fixed_z))
-                    recons = model.to_image(model.decode(model.encode(fixed_x).mu))
-                value_range = loss_fn.pixel_range
-                tracker.log_image(
-                    pos.step,
-                    epoch,
-                    "samples",
-                    image_grid(samples, trainer.sample_grid, value_range),
-                )
-                tracker.log_image(
-                    pos.step,
-                    epoch,
-                    "reconstructions",
-                    image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range),
-                )
-
-                improved = val_terms["loss"] < pos.best_val_loss
-                pos.best_val_loss = min(pos.best_val_loss, val_terms["loss"])
+            if stop.signal_name is not None:  # caught during the epoch or before it
                 state = checkpoint_state(
-                    model, optimizer, scheduler, pos, config, metrics, data, tracker
+                    model, optimizer, scheduler, pos, config, None, data, tracker
                 )
-                if trainer.checkpoint.save_last:
-                    save_checkpoint(checkpoints / "last.pt", state)
-                if improved and trainer.checkpoint.save_best:
-                    save_checkpoint(checkpoints / "best.pt", state)
+                state["rng"]["data"] = data_rng  # replay this epoch's order on resume
+                save_checkpoint(checkpoints / "last.pt", state)
+                code = 128 + stop.signal_number
+                tracker.finish(exit_code=code, preempted=True)
+                stop.hand_over()  # under submitit (SIGUSR2): requeue this job, then exit
+                raise Preempted(
+                    f"Stopped by {stop.signal_name} in epoch {epoch} after step {pos.step}; "
+                    f"checkpoint {checkpoints / 'last.pt'} holds that step. Continue with "
+                    f"trainer.resume={run_dir}",
+                    stop.signal_number,
+                )
+            train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
+            val_terms = validate(model, loss_fn, data.val, trainer.seed)
+            lr = optimizer.param_groups[0]["lr"]
+            if scheduler is not None:
+                scheduler.step()
+            seconds = time.perf_counter() - start
+            pos.epoch, pos.batches_done, pos.epoch_steps, pos.sums = epoch, 0, 0, {}
+            metrics = {
+                "epoch": epoch,
+                "step": pos.step,
+                **{f"train/{k}": v for k, v in train_terms.items()},
+                **{f"val/{k}": v for k, v in val_terms.items()},
+                "lr": lr,
+                "skipped_steps": pos.skipped,
+                "seconds": seconds,
+            }
+            tracker.log_epoch(metrics)
+            log.info(
+                "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
+                "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
+                epoch,
+                trainer.epochs,
+                train_terms["loss"],
+                train_terms["recon"],
+                train_terms["kld"],
+                val_terms["loss"],
+                val_terms["recon"],
+                val_terms["kld"],
+                seconds,
+            )
+
+            # Pictures: prior samples from the fixed z; fixed validation images over their
+            # reconstructions from the posterior mean.
+            model.eval()
+            with torch.no_grad():
+                samples = model.to_image(model.decode(fixed_z))
+                recons = model.to_image(model.decode(model.encode(fixed_x).mu))
+            value_range = loss_fn.pixel_range
+            grid = image_grid(samples, trainer.sample_grid, value_range)
+            tracker.log_image(epoch, "samples", grid)
+            grid = image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range)
+            tracker.log_image(epoch, "reconstructions", grid)
+
+            improved = val_terms["loss"] < pos.best_val_loss
+            pos.best_val_loss = min(pos.best_val_loss, val_terms["loss"])
+            state = checkpoint_state(
+                model, optimizer, scheduler, pos, config, metrics, data, tracker
+            )
+            if trainer.checkpoint.save_last:
+                save_checkpoint(checkpoints / "last.pt", state)
+                last_good = checkpoints / "last.pt"
+            if improved and trainer.checkpoint.save_best:
+                save_checkpoint(checkpoints / "best.pt", state)
+        if stop.signal_name is not None:
+            log.info("%s arrived after the last step: the run is complete", stop.signal_name)
     except BaseException as e:
         tracker.finish(exit_code=getattr(e, "exit_code", 1), preempted=isinstance(e, Preempted))
         raise
