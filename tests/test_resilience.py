@@ -159,9 +159,6 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
     sig, mnist_root, tmp_path
 ):
     env = {"WANDB_MODE": "offline"}
-    full = run_cli([*LONG, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, env=env)
-    assert full.returncode == 0, full.stderr[-2000:]
-
     log_path = tmp_path / "stopped.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -191,6 +188,10 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
     kinds = [r.WhichOneof("record_type") for r in wandb_records.read_records(path)]
     assert "preempting" in kinds  # ... and as preempted
 
+    if sig != signal.SIGTERM:
+        return  # one signal is enough for the (slower) comparison with an uninterrupted run
+    full = run_cli([*LONG, f"hydra.run.dir={tmp_path / 'full'}"], cwd=tmp_path, env=env)
+    assert full.returncode == 0, full.stderr[-2000:]
     resumed = run_cli(
         [*LONG, f"trainer.resume={tmp_path / 'stopped'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
         cwd=tmp_path,

@@ -112,32 +112,33 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _check_ints(obj: Any, prefix: str, minimums: dict[str, int]) -> None:
+    """Each named field of `obj` must be an integer >= its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(obj, name)
+        _check(
+            _is_int(value) and value >= minimum,
+            f"{prefix}.{name}",
+            value,
+            f"an integer >= {minimum}",
+        )
+
+
+def _check_bools(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _check(isinstance(value, bool), f"{prefix}.{name}", value, "true or false")
+
+
 def read_data(section: Mapping) -> DataConfig:
     from vae_exp.data import DATASETS, SPLITS
 
     d = _read(DataConfig, section, "data")
     _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
     _check(isinstance(d.root, str) and d.root != "", "data.root", d.root, "a folder path")
-    _check(
-        _is_int(d.image_size) and d.image_size >= 1,
-        "data.image_size",
-        d.image_size,
-        "an integer >= 1",
-    )
+    _check_ints(d, "data", {"image_size": 1, "batch_size": 1, "num_workers": 0})
     _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
-    _check(
-        _is_int(d.batch_size) and d.batch_size >= 1,
-        "data.batch_size",
-        d.batch_size,
-        "an integer >= 1",
-    )
-    _check(
-        _is_int(d.num_workers) and d.num_workers >= 0,
-        "data.num_workers",
-        d.num_workers,
-        "an integer >= 0",
-    )
-    _check(isinstance(d.download, bool), "data.download", d.download, "true or false")
+    _check_bools(d, "data", ("download",))
     _check(
         d.limit is None or (_is_int(d.limit) and d.limit >= 1),
         "data.limit",
@@ -191,7 +192,8 @@ def read_trainer(section: Mapping) -> TrainerConfig:
     )
     checkpoint = _read(CheckpointConfig, checkpoint, "trainer.checkpoint")
     t = _read(TrainerConfig, {**section, "checkpoint": checkpoint}, "trainer")
-    _check(_is_int(t.epochs) and t.epochs >= 1, "trainer.epochs", t.epochs, "an integer >= 1")
+    minimums = {"epochs": 1, "log_every": 1, "sample_grid": 1, "num_reconstructions": 1}
+    _check_ints(t, "trainer", {**minimums, "skip_nonfinite": 0})
     _check(
         isinstance(t.device, str) and DEVICE_PATTERN.fullmatch(t.device) is not None,
         "trainer.device",
@@ -200,39 +202,13 @@ def read_trainer(section: Mapping) -> TrainerConfig:
     )
     _check(_is_int(t.seed), "trainer.seed", t.seed, "an integer")
     _check(
-        _is_int(t.log_every) and t.log_every >= 1,
-        "trainer.log_every",
-        t.log_every,
-        "an integer >= 1",
-    )
-    _check(isinstance(t.progress, bool), "trainer.progress", t.progress, "true or false")
-    _check(
-        _is_int(t.sample_grid) and t.sample_grid >= 1,
-        "trainer.sample_grid",
-        t.sample_grid,
-        "an integer >= 1",
-    )
-    _check(
-        _is_int(t.num_reconstructions) and t.num_reconstructions >= 1,
-        "trainer.num_reconstructions",
-        t.num_reconstructions,
-        "an integer >= 1",
-    )
-    _check(
         t.resume is None or (isinstance(t.resume, str) and t.resume != ""),
         "trainer.resume",
         t.resume,
         "null, auto, a run directory or a checkpoint file",
     )
-    _check(
-        _is_int(t.skip_nonfinite) and t.skip_nonfinite >= 0,
-        "trainer.skip_nonfinite",
-        t.skip_nonfinite,
-        "an integer >= 0 (0: stop at the first non-finite loss or gradient)",
-    )
-    for key in ("save_last", "save_best"):
-        value = getattr(t.checkpoint, key)
-        _check(isinstance(value, bool), f"trainer.checkpoint.{key}", value, "true or false")
+    _check_bools(t, "trainer", ("progress",))
+    _check_bools(t.checkpoint, "trainer.checkpoint", ("save_last", "save_best"))
     return t
 
 
@@ -260,7 +236,7 @@ def read_logger(section: Mapping) -> LoggerConfig:
         lg.tags,
         "a list of strings",
     )
-    _check(isinstance(lg.log_images, bool), "logger.log_images", lg.log_images, "true or false")
+    _check_bools(lg, "logger", ("log_images",))
     _check(
         _is_number(lg.init_timeout) and lg.init_timeout > 0,
         "logger.init_timeout",
