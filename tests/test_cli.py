@@ -1,6 +1,7 @@
 """`python -m vae_exp` for real, in subprocesses, on the real MNIST test images."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -157,7 +158,7 @@ def test_multirun_sweep(mnist_root, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
-    seen, run_ids = set(), set()
+    seen, runs = set(), {}
     for job in jobs:
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         seen.add((cfg.model.latent_dim, cfg.loss.w))
@@ -165,9 +166,43 @@ def test_multirun_sweep(mnist_root, tmp_path):
         assert (job / "checkpoints" / "last.pt").is_file()
         assert (job / "samples" / "epoch_001.png").is_file()
         [run_file] = offline_runs(job)
-        run_ids.add(wandb_records.run_info(wandb_records.read_records(run_file)).run_id)
+        records = wandb_records.read_records(run_file)
+        runs[job.name] = (wandb_records.run_info(records), records, cfg)
     assert seen == {(4, 1e-4), (4, 1e-3), (8, 1e-4), (8, 1e-3)}
-    assert len(run_ids) == 4
+    infos = [info for info, _, _ in runs.values()]
+    assert len({i.run_id for i in infos}) == 4
+    assert {i.run_group for i in infos} == {str(sweep)}  # one group: the sweep
+    assert {i.job_type for i in infos} == {"train"}
+    for info, records, cfg in runs.values():
+        assert info.display_name == f"latent_dim={cfg.model.latent_dim},w={cfg.loss.w}"
+        assert set(info.tags) == {
+            f"model.latent_dim={cfg.model.latent_dim}",
+            f"loss.w={cfg.loss.w}",
+        }
+        config = wandb_records.config(records)
+        assert config["model"]["latent_dim"] == cfg.model.latent_dim
+        assert config["model"]["hidden_dims"] == [8, 16] and config["loss"]["w"] == cfg.loss.w
+        summary = wandb_records.summary(records)
+        last = [r for r in wandb_records.history(records) if "val/loss" in r][-1]
+        assert summary["val/loss"] == pytest.approx(last["val/loss"])
+        assert summary["best/val/loss"] == pytest.approx(last["val/loss"])  # one epoch
+        assert summary["epochs"] == 1 and summary["seconds_per_epoch"] > 0
+
+
+def test_two_sweeps_in_the_same_second_get_different_folders():
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+
+    dirs = []
+    for _ in range(2):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name="config", return_hydra_config=True)
+        dirs.append(cfg.hydra.sweep.dir)
+    assert dirs[0] != dirs[1]
+    assert all(
+        re.fullmatch(r"multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d-[0-9a-f]{6}", d) for d in dirs
+    )
 
 
 def test_sweeps_land_under_multirun():

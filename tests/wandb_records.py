@@ -79,3 +79,13 @@ def config(records: list[pb.Record]) -> dict:
 def exit_code(records: list[pb.Record]) -> int | None:
     codes = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
     return codes[-1] if codes else None
+
+
+def summary(records: list[pb.Record]) -> dict:
+    """The run summary: key -> value, from the summary records (later ones win)."""
+    out = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            for item in r.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out

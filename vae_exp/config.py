@@ -12,12 +12,19 @@ import dataclasses
 import inspect
 import logging
 import re
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+# conf/config.yaml's ${sweep_id:}: a short random id, the same for every job of one sweep
+# (resolver results are cached with the config and Hydra copies that cache to each job); it
+# keeps the folders and W&B groups of two sweeps started in the same second apart.
+if not OmegaConf.has_resolver("sweep_id"):
+    OmegaConf.register_new_resolver("sweep_id", lambda: secrets.token_hex(3), use_cache=True)
 
 
 class ConfigError(ValueError):

@@ -7,6 +7,7 @@ import json
 import logging
 import netrc
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -65,6 +66,16 @@ def wandb_mode(configured: str) -> str | None:
     return "online" if wandb_credentials_found() else "offline"
 
 
+@dataclass
+class RunLabels:
+    """How a run is found among others in W&B: `name` (the swept values of a sweep job, e.g.
+    "latent_dim=64,w=0.001"), `group` (the sweep), `tags` (the swept overrides)."""
+
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
 class Tracker:
     """Writes metrics and image grids of one run to its directory and, optionally, to W&B.
 
@@ -79,13 +90,15 @@ class Tracker:
         logger: LoggerConfig,
         history: list[dict[str, Any]] | None = None,
         wandb_id: str | None = None,
+        labels: RunLabels | None = None,
     ) -> None:
         """`history`: metrics of earlier epochs (a resumed run), written first;
-        `wandb_id`: the W&B run to continue."""
+        `wandb_id`: the W&B run to continue; `labels`: name, group and tags in W&B."""
         self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
         self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history or []))
         self.logger = logger
+        self.labels = labels or RunLabels()
         self.wandb_run = None
         if logger.name == "wandb":
             self.wandb_run = self._start_wandb(config, wandb_id)
@@ -99,8 +112,9 @@ class Tracker:
         init = dict(
             project=lg.project,
             entity=lg.entity,
-            group=lg.group,
-            tags=list(lg.tags),
+            name=self.labels.name,
+            group=lg.group or self.labels.group,
+            tags=[*lg.tags, *self.labels.tags],
             job_type="train",
             config=config,
             dir=str(self.run_dir),
@@ -178,6 +192,15 @@ class Tracker:
                 return path
             self._wandb("log", {name: image, "epoch": epoch})
         return path
+
+    def summarize(self, values: dict[str, Any]) -> None:
+        """Set values of the W&B run summary (beside the last logged value of every metric)."""
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.summary.update(values)
+            except Exception as e:
+                log.warning("W&B summary failed (%s); W&B logging stops", one_line(e))
+                self.wandb_run = None
 
     def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
         """Close the W&B run: failed when exit_code is non-zero, preempted if so."""

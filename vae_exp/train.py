@@ -38,7 +38,7 @@ from vae_exp.data import Batches, build_data
 from vae_exp.losses import VAELoss
 from vae_exp.models import VAE
 from vae_exp.preemption import StopRequest
-from vae_exp.tracking import Tracker, image_grid
+from vae_exp.tracking import RunLabels, Tracker, image_grid
 
 log = logging.getLogger(__name__)
 
@@ -298,15 +298,15 @@ def resume_from(
     return pos, state.get("wandb_id"), history
 
 
-def run(cfg: DictConfig, run_dir: Path) -> float:
+def run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> float:
     """Train the experiment described by `cfg`, writing outputs to `run_dir`.
     Returns the best validation loss (what sweepers minimise). From the start, SIGTERM /
     SIGINT / SIGUSR2 stop the run cleanly at the next step or epoch boundary."""
     with StopRequest() as stop:
-        return _run(cfg, run_dir, stop)
+        return _run(cfg, run_dir, labels, stop)
 
 
-def _run(cfg: DictConfig, run_dir: Path, stop: StopRequest) -> float:
+def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopRequest) -> float:
     # 1. Check and build everything before any data is loaded or step taken.
     data_cfg = read_data(cfg.data)
     check_model_matches_data(cfg.model, data_cfg)
@@ -348,9 +348,10 @@ def _run(cfg: DictConfig, run_dir: Path, stop: StopRequest) -> float:
     fixed_x = next(iter(data.val))[0][: trainer.num_reconstructions]
     checkpoints = run_dir / "checkpoints"
     last_good = resume_path  # the newest checkpoint with finite weights
+    epoch_metrics: list[dict] = []  # this process's epochs (history holds earlier ones)
 
     # 3. Epochs: train, validate, log, draw, checkpoint.
-    tracker = Tracker(run_dir, config, logger_cfg, history=history, wandb_id=wandb_id)
+    tracker = Tracker(run_dir, config, logger_cfg, history, wandb_id, labels)
     try:
         while pos.epoch < trainer.epochs:
             epoch = pos.epoch + 1
@@ -408,6 +409,7 @@ def _run(cfg: DictConfig, run_dir: Path, stop: StopRequest) -> float:
                 "seconds": seconds,
             }
             tracker.log_epoch(metrics)
+            epoch_metrics.append(metrics)
             log.info(
                 "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
                 "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
@@ -446,6 +448,16 @@ def _run(cfg: DictConfig, run_dir: Path, stop: StopRequest) -> float:
                 save_checkpoint(checkpoints / "best.pt", state)
         if stop.signal_name is not None:
             log.info("%s arrived after the last step: the run is complete", stop.signal_name)
+        done = [m for m in history if "val/loss" in m] + epoch_metrics
+        best = min(done, key=lambda m: m["val/loss"])
+        tracker.summarize(
+            {
+                "epochs": pos.epoch,
+                "seconds_per_epoch": sum(m["seconds"] for m in done) / len(done),
+                **{f"best/{k}": v for k, v in best.items() if k.startswith("val/")},
+                "best/epoch": best["epoch"],
+            }
+        )
     except BaseException as e:
         tracker.finish(exit_code=getattr(e, "exit_code", 1), preempted=isinstance(e, Preempted))
         raise
