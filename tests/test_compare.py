@@ -1,0 +1,96 @@
+"""`python -m vae_exp.compare` on a real (small) sweep."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, mnist_root):
+    tmp = tmp_path_factory.mktemp("compare")
+    sweep = tmp / "sweep"
+    result = run_cli(
+        [
+            "--multirun",
+            *TINY,
+            "model.latent_dim=4,8",
+            "loss.w=1e-4,1e-3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp,
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def compare(*args: str):
+    return subprocess.run(
+        [sys.executable, "-m", "vae_exp.compare", *args],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+
+
+def test_compare_a_sweep(sweep):
+    result = compare(str(sweep), "--sort", "final val/loss")
+    assert result.returncode == 0, result.stderr
+    with open(sweep / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4
+    assert {(r["model.latent_dim"], r["loss.w"]) for r in table} == {
+        ("4", "0.0001"),
+        ("4", "0.001"),
+        ("8", "0.0001"),
+        ("8", "0.001"),
+    }
+    for row in table:
+        metrics = [json.loads(line) for line in (sweep / row["run"] / "metrics.jsonl").open()]
+        assert float(row["final val/loss"]) == pytest.approx(metrics[-1]["val/loss"])
+        assert float(row["best val/loss"]) == pytest.approx(min(m["val/loss"] for m in metrics))
+        assert float(row["final val/kld"]) == pytest.approx(metrics[-1]["val/kld"])
+        assert row["state"] == "finished" and row["epochs"] == "2"
+        assert float(row["s/epoch"]) == pytest.approx(np.mean([m["seconds"] for m in metrics]))
+    losses = [float(r["final val/loss"]) for r in table]
+    assert losses == sorted(losses)
+    assert "wandb sync" in result.stdout and result.stdout.count("offline-run-") == 4
+    md = (sweep / "comparison.md").read_text()
+    assert md.count("\n") == 6 and "| run | state |" in md
+    png = np.asarray(Image.open(sweep / "comparison.png").convert("L"), dtype=float)
+    assert png.shape[1] > 1000 and png.std() > 10  # three panels with curves and points
+    page = (sweep / "comparison.html").read_text()
+    assert page.count("<tr>") == 5 and page.count("data:image/png;base64,") == 1 + 4 * 2
+    assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_broken_and_unfinished_runs_are_listed(sweep, tmp_path):
+    import shutil
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy)
+    (copy / "1" / "metrics.jsonl").write_text("")  # no epoch finished
+    lines = (copy / "2" / "metrics.jsonl").read_text().splitlines()
+    (copy / "2" / "metrics.jsonl").write_text(lines[0] + "\n")  # 1 of 2 epochs
+    with open(copy / "3" / "vae_exp.log", "a") as f:
+        f.write("[2026-01-01 00:00:00,000][vae_exp][ERROR] - Non-finite loss\n")
+    result = compare(str(copy))
+    assert result.returncode == 0, result.stderr
+    with open(copy / "comparison.csv") as f:
+        states = {r["run"]: r["state"] for r in csv.DictReader(f)}
+    assert states == {"0": "finished", "1": "incomplete", "2": "incomplete", "3": "failed"}
+
+
+def test_bad_arguments(tmp_path):
+    result = compare(str(tmp_path / "nowhere"))
+    assert result.returncode != 0 and "not a directory" in result.stderr
+    result = compare(str(tmp_path))
+    assert result.returncode != 0 and "no run directories" in result.stderr
