@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+import shutil
 import subprocess
 import sys
 
@@ -73,8 +75,6 @@ def test_compare_a_sweep(sweep):
 
 
 def test_broken_and_unfinished_runs_are_listed(sweep, tmp_path):
-    import shutil
-
     copy = tmp_path / "sweep"
     shutil.copytree(sweep, copy)
     (copy / "1" / "metrics.jsonl").write_text("")  # no epoch finished
@@ -94,3 +94,40 @@ def test_bad_arguments(tmp_path):
     assert result.returncode != 0 and "not a directory" in result.stderr
     result = compare(str(tmp_path))
     assert result.returncode != 0 and "no run directories" in result.stderr
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="no chromium here")
+def test_html_report_renders_in_headless_chromium(sweep, tmp_path):
+    assert CHROMIUM, "CI installs Debian's chromium for this test"
+    if not (sweep / "comparison.html").is_file():
+        assert compare(str(sweep)).returncode == 0
+    url = (sweep / "comparison.html").as_uri()
+    base = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    page = dom.stdout
+    assert page.count("<tr>") == 5 and 'id="runs"' in page
+    assert 'data-images-shown="9"' in page and 'data-images-total="9"' in page  # all decoded
+    shot = tmp_path / "page.png"
+    result = subprocess.run(
+        [*base, "--window-size=1400,1200", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    assert pixels.std() > 20  # text, a table and pictures: not a blank page

@@ -193,6 +193,11 @@ def _last_picture(run: Run, kind: str) -> Path | None:
 
 
 SORT_SCRIPT = """
+window.addEventListener("load", () => {  // how many pictures decoded (0 means broken images)
+  const images = [...document.images];
+  document.body.dataset.imagesShown = images.filter(i => i.naturalWidth > 0).length;
+  document.body.dataset.imagesTotal = images.length;
+});
 document.querySelectorAll("th").forEach((th, col) => th.addEventListener("click", () => {
   const body = th.closest("table").tBodies[0];
   const up = th.dataset.dir !== "asc"; th.dataset.dir = up ? "asc" : "desc";
@@ -233,6 +238,7 @@ table {{ border-collapse: collapse; }} th, td {{ border: 1px solid #bbb; padding
 th {{ cursor: pointer; background: #eee; }} td {{ text-align: right; }}
 .run {{ display: inline-block; vertical-align: top; margin: 0.5em; }}
 figure {{ display: inline-block; margin: 0.3em; }} img {{ image-rendering: pixelated; }}
+#plots {{ max-width: 100%; image-rendering: auto; }}
 </style></head><body>
 <h1>Comparison of {len(runs)} runs</h1><p>{html.escape(str(root))} (click a column to sort)</p>
 <table id="runs"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>

@@ -1,0 +1,53 @@
+"""Hyperparameter search with Optuna and the parallel / cluster launchers, for real."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY, run_cli
+
+QUICK = [*TINY, "data.limit=128", "trainer.epochs=1", "logger=none"]
+SEARCH = [a for a in QUICK if not a.startswith("model.latent_dim")]  # a searched key
+
+
+def best_val_loss(run_dir: Path) -> float:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return min(json.loads(line)["val/loss"] for line in lines)
+
+
+def test_optuna_search(mnist_root, tmp_path):
+    sweep = tmp_path / "search"
+    result = run_cli(
+        ["hparams_search=optuna", "hydra.sweeper.n_trials=3", *SEARCH, f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(trials) == 3
+    assert results["best_value"] == pytest.approx(min(best_val_loss(t) for t in trials))
+    assert set(results["best_params"]) == {"model.latent_dim", "loss.w", "optim.optimizer.lr"}
+
+
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_parallel_launchers(launcher, mnist_root, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "--multirun",
+            f"launcher={launcher}",
+            *QUICK,
+            "model.latent_dim=4,8",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        assert config["model"]["latent_dim"] == (4 if job == "0" else 8)
+        assert best_val_loss(sweep / job) > 0
