@@ -1,6 +1,6 @@
 """Compare the runs of one or more sweeps without W&B.
 
-    python -m vae_exp.compare multirun/<date>/<time> [more sweep or run dirs] [--sort KEY]
+    python -m vae_exp.compare multirun/<date>/<time>-<id> [more sweep or run dirs] [--sort KEY]
 
 prints one row per run (swept values, state, final and best validation terms, epochs, seconds
 per epoch) and writes comparison.csv, comparison.md, comparison.png and a self-contained
