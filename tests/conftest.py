@@ -66,3 +66,24 @@ def fashion_dir() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return FASHION_DIR
+
+
+@pytest.fixture(scope="session")
+def sweep_2x2(tmp_path_factory, mnist_root) -> Path:
+    """A real 2x2 sweep (model.latent_dim=4,8 x loss.w=1e-4,1e-3; 2 epochs each) with offline
+    W&B runs, made once for the tests that read it."""
+    tmp = tmp_path_factory.mktemp("sweep_2x2")
+    sweep = tmp / "sweep"
+    result = run_cli(
+        [
+            "--multirun",
+            *TINY,
+            "model.latent_dim=4,8",
+            "loss.w=1e-4,1e-3",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp,
+        env={"WANDB_MODE": "offline"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep

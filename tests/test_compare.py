@@ -11,26 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory, mnist_root):
-    tmp = tmp_path_factory.mktemp("compare")
-    sweep = tmp / "sweep"
-    result = run_cli(
-        [
-            "--multirun",
-            *TINY,
-            "model.latent_dim=4,8",
-            "loss.w=1e-4,1e-3",
-            f"hydra.sweep.dir={sweep}",
-        ],
-        cwd=tmp,
-        env={"WANDB_MODE": "offline"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sweep
+@pytest.fixture
+def sweep(sweep_2x2, tmp_path):
+    """A copy of the shared 2x2 sweep, so each test writes its own comparison files."""
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep_2x2, copy)
+    return copy
 
 
 def compare(*args: str):
@@ -74,9 +63,8 @@ def test_compare_a_sweep(sweep):
     assert "http://" not in page and "https://" not in page  # self-contained
 
 
-def test_broken_and_unfinished_runs_are_listed(sweep, tmp_path):
-    copy = tmp_path / "sweep"
-    shutil.copytree(sweep, copy)
+def test_broken_and_unfinished_runs_are_listed(sweep):
+    copy = sweep
     (copy / "1" / "metrics.jsonl").write_text("")  # no epoch finished
     lines = (copy / "2" / "metrics.jsonl").read_text().splitlines()
     (copy / "2" / "metrics.jsonl").write_text(lines[0] + "\n")  # 1 of 2 epochs
