@@ -82,6 +82,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N training images")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loop")
     parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument(
+        "--precision",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="vae_exp's loop (the seed loop is always fp32)",
+    )
+    parser.add_argument("--channels-last", action="store_true", help="vae_exp's loop")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -108,6 +115,8 @@ def main() -> None:
 
     # vae_exp's trainer on device-resident data.
     model, optimizer = fresh()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
     resident = prepare_images(images, 32, 1).to(device)
     prepare_seconds = time.perf_counter() - start
@@ -129,6 +138,8 @@ def main() -> None:
         num_reconstructions=8,
         resume=None,
         skip_nonfinite=0,
+        precision=args.precision,
+        channels_last=args.channels_last,
         checkpoint=CheckpointConfig(save_last=False, save_best=False),
     )
     with tempfile.TemporaryDirectory() as tmp, StopRequest() as stop:
@@ -159,7 +170,8 @@ def main() -> None:
         f"{', '.join(f'{t:.2f}' for t in seed_times)} |"
     )
     print(
-        f"| vae_exp train_epoch, device-resident | {ours_s:.2f} | {n / ours_s:.0f} | "
+        f"| vae_exp train_epoch, device-resident, {args.precision}"
+        f"{', channels_last' if args.channels_last else ''} | {ours_s:.2f} | {n / ours_s:.0f} | "
         f"{', '.join(f'{t:.2f}' for t in ours_times)} |"
     )
     print(

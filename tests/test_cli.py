@@ -300,3 +300,21 @@ def test_reference_model_on_full_fashion_mnist(fashion_dir, tmp_path):
     assert m["step"] == 938  # ceil(60000 / 64), as the seed's DataLoader
     assert m["val/loss"] < 0.08 and m["val/kld"] > 0
     assert_picture(run_dir / "reconstructions" / "epoch_001.png")
+
+
+def test_bf16_channels_last_trains_the_same_model(mnist_root, tmp_path):
+    """The fast CPU path (bf16 autocast forward, channels_last) against plain fp32: same seed,
+    same data, losses within 2% after each epoch."""
+    losses = {}
+    for name, extra in (
+        ("fp32", []),
+        ("fast", ["trainer.precision=bf16", "trainer.channels_last=true"]),
+    ):
+        run_dir = tmp_path / name
+        result = run_cli([*TINY, "logger=none", *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[name] = read_metrics(run_dir)
+    for plain, fast in zip(losses["fp32"], losses["fast"], strict=True):
+        for key in ("train/loss", "val/loss", "val/recon"):
+            assert fast[key] == pytest.approx(plain[key], rel=0.02), key
+    assert losses["fast"][-1]["train/loss"] < losses["fast"][0]["train/loss"]

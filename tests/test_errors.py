@@ -33,6 +33,7 @@ CASES = [
     (["logger.mode=sometimes"], ["logger.mode='sometimes'", "auto | online | offline"]),
     (["+logger.colour=red"], ["unknown key logger.colour"]),
     (["trainer.device=tpu"], ["trainer.device='tpu'", "auto | cpu | cuda"]),
+    (["trainer.precision=fp16"], ["trainer.precision='fp16'", "fp32 | bf16"]),
     (["data=folder", "data.root=/nonexistent/images"], ["/nonexistent/images is not a directory"]),
 ]
 if not torch.cuda.is_available():

@@ -110,6 +110,8 @@ RESUMABLE_CHANGES = (
     "trainer.progress",
     "trainer.log_every",
     "trainer.skip_nonfinite",
+    "trainer.precision",
+    "trainer.channels_last",
     "data.root",
     "data.num_workers",
     "logger.",

@@ -65,6 +65,8 @@ class TrainerConfig:
     checkpoint: CheckpointConfig
     resume: str | None
     skip_nonfinite: int
+    precision: str
+    channels_last: bool
 
 
 @dataclasses.dataclass
@@ -186,6 +188,7 @@ def read_data(section: Mapping) -> DataConfig:
     return d
 
 
+PRECISIONS = ("fp32", "bf16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -214,7 +217,8 @@ def read_trainer(section: Mapping) -> TrainerConfig:
         t.resume,
         "null, auto, a run directory or a checkpoint file",
     )
-    _check_bools(t, "trainer", ("progress",))
+    _check(t.precision in PRECISIONS, "trainer.precision", t.precision, " | ".join(PRECISIONS))
+    _check_bools(t, "trainer", ("progress", "channels_last"))
     _check_bools(t.checkpoint, "trainer.checkpoint", ("save_last", "save_best"))
     return t
 

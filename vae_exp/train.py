@@ -139,6 +139,22 @@ def grad_norm(model: VAE) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def forward_loss(
+    model: VAE,
+    loss_fn: VAELoss,
+    x: torch.Tensor,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The loss terms of batch `x`: the forward pass in bf16 autocast when precision is
+    "bf16" (the loss itself always in fp32), on a channels_last input when asked."""
+    inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model(inputs, generator=generator)
+    return loss_fn(out.float(), x)
+
+
 def train_epoch(
     model: VAE,
     loss_fn: VAELoss,
@@ -167,7 +183,7 @@ def train_epoch(
         if trainer.skip_nonfinite:  # a skipped step must not leave NaNs in BatchNorm's stats
             saved_buffers = [b.clone() for b in model.buffers()]
         optimizer.zero_grad(set_to_none=True)
-        terms = loss_fn(model(x), x)
+        terms = forward_loss(model, loss_fn, x, trainer.precision, trainer.channels_last)
         terms["loss"].backward()
         terms["grad_norm"] = grad_norm(model)
         finite = torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])
@@ -218,17 +234,24 @@ def nonfinite_message(step: int, terms: dict[str, torch.Tensor], trainer: Traine
 
 
 @torch.no_grad()
-def validate(model: VAE, loss_fn: VAELoss, batches: Batches, seed: int) -> dict[str, float]:
-    """Mean loss terms per example over the validation batches: the training objective,
-    with the model in eval mode and the posterior noise drawn from a generator seeded with
-    `seed`, so the same weights always give the same numbers."""
+def validate(
+    model: VAE,
+    loss_fn: VAELoss,
+    batches: Batches,
+    seed: int,
+    precision: str = "fp32",
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Mean loss terms per example over the validation batches: the training objective (at
+    the training precision), with the model in eval mode and the posterior noise drawn from a
+    generator seeded with `seed`, so the same weights always give the same numbers."""
     model.eval()
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
     sums: dict[str, torch.Tensor] = {}
     seen = 0
     for x, _ in batches:
-        terms = loss_fn(model(x, generator=generator), x)
+        terms = forward_loss(model, loss_fn, x, precision, channels_last, generator)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v * x.shape[0]
         seen += x.shape[0]
@@ -316,6 +339,8 @@ def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopReq
     torch.manual_seed(trainer.seed)
     loss_fn = instantiate_checked(cfg.loss, "loss")
     model = build_model(cfg, loss_fn).to(device)
+    if trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, model, trainer.epochs)
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_path = None
@@ -393,7 +418,9 @@ def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopReq
                     stop.signal_number,
                 )
             train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
-            val_terms = validate(model, loss_fn, data.val, trainer.seed)
+            val_terms = validate(
+                model, loss_fn, data.val, trainer.seed, trainer.precision, trainer.channels_last
+            )
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
                 scheduler.step()

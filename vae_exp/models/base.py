@@ -36,6 +36,10 @@ class VAEOutput:
     log_var: Tensor
     z: Tensor
 
+    def float(self) -> VAEOutput:
+        """The same output in fp32 (losses are computed in fp32 after a bf16 forward)."""
+        return VAEOutput(self.recon.float(), self.mu.float(), self.log_var.float(), self.z.float())
+
 
 class VAE(nn.Module):
     """Base class: subclasses implement `encode` and `decode`; the rest is shared.
