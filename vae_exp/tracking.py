@@ -22,6 +22,9 @@ from vae_exp.config import LoggerConfig, one_line
 
 log = logging.getLogger(__name__)
 
+# What W&B plots against the epoch rather than the optimizer step.
+EPOCH_METRICS = ("train_epoch/*", "val/*", "lr", "seconds", "samples", "reconstructions")
+
 
 def image_grid(images: Tensor, nrow: int, value_range: tuple[float, float]) -> np.ndarray:
     """A uint8 HxWxC grid of images whose values lie in value_range (clamped, not min-max
@@ -123,31 +126,31 @@ class Tracker:
             reinit="finish_previous",  # never silently reuse an earlier run
             settings=wandb.Settings(console="off", init_timeout=lg.init_timeout),
         )
-        try:
-            run = wandb.init(mode=mode, **init)
-        except Exception as e:
-            if (mode or os.environ.get("WANDB_MODE")) == "offline":
-                log.warning("W&B failed to start (%s); logging to the run directory only", e)
-                return None
-            log.warning("W&B could not start online (%s); logging offline instead", one_line(e))
-            mode = "offline"
+        effective = mode or os.environ.get("WANDB_MODE")
+        attempts = [mode] if effective == "offline" else [mode, "offline"]
+        for n, attempt in enumerate(attempts, start=1):
             try:
-                run = wandb.init(mode=mode, **init)
+                run = wandb.init(mode=attempt, **init)
+                # x-axes: training terms against the optimizer step, epoch values against the
+                # epoch (W&B's own _step counts log calls, so a resumed run never goes back).
+                run.define_metric("step")
+                run.define_metric("epoch")
+                run.define_metric("train/*", step_metric="step")
+                for key in EPOCH_METRICS:
+                    run.define_metric(key, step_metric="epoch")
+                break
             except Exception as e:
-                log.warning("W&B failed offline too (%s); run directory only", one_line(e))
-                return None
-        if (mode or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
+                then = "logging offline instead" if n < len(attempts) else "run directory only"
+                log.warning(
+                    "W&B could not start %s (%s); %s", attempt or effective, one_line(e), then
+                )
+        else:
+            return None
+        if (attempt or os.environ.get("WANDB_MODE")) in ("offline", "dryrun"):
             log.info(
                 "W&B is offline; upload this run later with: wandb sync %s",
                 Path(run.dir).parent,
             )
-        # x-axes: training terms against the optimizer step, epoch values against the epoch.
-        # (W&B's own _step just counts log calls, so a resumed run never goes back in it.)
-        run.define_metric("step")
-        run.define_metric("epoch")
-        run.define_metric("train/*", step_metric="step")
-        for pattern in ("train_epoch/*", "val/*", "lr", "seconds", "samples", "reconstructions"):
-            run.define_metric(pattern, step_metric="epoch")
         return run
 
     @property
