@@ -29,7 +29,11 @@ class Posterior:
 
 @dataclass
 class VAEOutput:
-    """What `VAE.forward` returns: the decoder output for a posterior sample, and that sample."""
+    """What `VAE.forward` returns: the decoder output for posterior samples, and the samples.
+
+    With `samples=1` (the default) `z` is [B, D] and `recon` [B, C, H, W]; with `samples=k`
+    they get a leading sample axis: z [k, B, D], recon [k, B, C, H, W]. `mu`, `log_var` are
+    always [B, D]."""
 
     recon: Tensor  # decoder output: an image in the data's range (tanh) or Bernoulli logits
     mu: Tensor
@@ -45,22 +49,38 @@ class VAE(nn.Module):
     """Base class: subclasses implement `encode` and `decode`; the rest is shared.
 
     `decoder_output` says what `decode` returns: "tanh" (an image in [-1, 1]) or "logits"
-    (Bernoulli logits of pixels in [0, 1]).
+    (Bernoulli logits of pixels in [0, 1]). `num_classes` > 0 marks a conditional model:
+    `encode` and `decode` then need the class labels `y` (int64, shape [B]); unconditional
+    models ignore `y`.
     """
 
     latent_dim: int
     decoder_output: str
+    num_classes: int = 0
 
-    def encode(self, x: Tensor) -> Posterior:
+    def encode(self, x: Tensor, y: Tensor | None = None) -> Posterior:
         raise NotImplementedError
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> VAEOutput:
-        posterior = self.encode(x)
-        z = posterior.rsample(generator)
-        return VAEOutput(recon=self.decode(z), mu=posterior.mu, log_var=posterior.log_var, z=z)
+    def forward(
+        self,
+        x: Tensor,
+        y: Tensor | None = None,
+        samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> VAEOutput:
+        """Encode `x`, draw `samples` reparameterised z per image, decode them."""
+        posterior = self.encode(x, y)
+        if samples == 1:
+            z = posterior.rsample(generator)
+            recon = self.decode(z, y)
+        else:
+            z = torch.stack([posterior.rsample(generator) for _ in range(samples)])
+            ys = None if y is None else y.repeat(samples)  # matches z.flatten(0, 1)
+            recon = self.decode(z.flatten(0, 1), ys).unflatten(0, (samples, len(x)))
+        return VAEOutput(recon=recon, mu=posterior.mu, log_var=posterior.log_var, z=z)
 
     def to_image(self, decoded: Tensor) -> Tensor:
         """Map decoder output to an image in the data's own range (for grids and MSE)."""
@@ -68,9 +88,14 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(
-        self, n: int, generator: torch.Generator | None = None, device: torch.device | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | None = None,
+        y: Tensor | None = None,
     ) -> Tensor:
-        """Decode n draws from the prior N(0, I); returns images in the data's range."""
+        """Decode n draws from the prior N(0, I) (for class labels `y` if conditional);
+        returns images in the data's range."""
         device = device or next(self.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator, device=device)
-        return self.to_image(self.decode(z))
+        return self.to_image(self.decode(z, y))

@@ -92,10 +92,10 @@ class ConvVAE(VAE):
         self.decoder_input = nn.Linear(latent_dim, features)
         self.decoder = conv_decoder(in_channels, hidden_dims, decoder_output)
 
-    def encode(self, x: Tensor) -> Posterior:
+    def encode(self, x: Tensor, y: Tensor | None = None) -> Posterior:
         h = torch.flatten(self.encoder(x), 1)
         return Posterior(mu=self.fc_mu(h), log_var=self.fc_var(h))
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, y: Tensor | None = None) -> Tensor:
         h = self.decoder_input(z).view(-1, *self.feature_shape)
         return self.decoder(h)
