@@ -2,12 +2,16 @@
 in one process, on the same data, model and batch size.
 
     python benchmarks/epoch_time.py --device cpu --limit 10000 --epochs 2
+    python benchmarks/epoch_time.py --device cuda                    # CUDA graph (auto)
     python benchmarks/epoch_time.py --device cuda --batch-size 1024
+    python benchmarks/epoch_time.py --device cuda --cuda-graph false --compile reduce-overhead
 
 The seed loop is re-implemented from the seed's script: a Dataset of PIL images with
 transforms Resize / ToTensor / Normalize, a shuffling DataLoader with min(8, CPU count)
 workers, and `loss.item()` after every step. vae_exp's loop is `vae_exp.train.train_epoch` on
-device-resident data. Both train the reference ConvVAE with Adam 5e-4 and MSE + 0.00025 KLD.
+device-resident data, with the step `vae_exp.train.make_step` builds for the options given
+(on CUDA: the step captured in a CUDA graph unless --cuda-graph false).
+Both train the reference ConvVAE with Adam 5e-4 and MSE + 0.00025 KLD.
 Data: Fashion-MNIST's 60,000 training images from Debian's dataset-fashion-mnist.
 """
 
@@ -28,11 +32,13 @@ from tqdm import tqdm
 
 from vae_exp.config import CheckpointConfig, LoggerConfig, TrainerConfig
 from vae_exp.data import TensorBatches, load_idx_split, prepare_images
+from vae_exp.distributed import Cluster
 from vae_exp.losses import MSEKLD
 from vae_exp.models import ConvVAE
 from vae_exp.preemption import StopRequest
+from vae_exp.steps import use_cuda_graph
 from vae_exp.tracking import Tracker
-from vae_exp.train import Position, train_epoch
+from vae_exp.train import Position, make_step, train_epoch
 
 
 class SeedImages(Dataset):
@@ -89,6 +95,16 @@ def main() -> None:
         help="vae_exp's loop (the seed loop is always fp32)",
     )
     parser.add_argument("--channels-last", action="store_true", help="vae_exp's loop")
+    parser.add_argument(
+        "--cuda-graph", default="auto", choices=["auto", "true", "false"], help="vae_exp's loop"
+    )
+    parser.add_argument(
+        "--compile",
+        default="false",
+        choices=["false", "default", "reduce-overhead", "max-autotune"],
+        help="vae_exp's loop",
+    )
+    parser.add_argument("--skip-seed", action="store_true", help="time vae_exp's loop only")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -110,8 +126,10 @@ def main() -> None:
     )
     seed_times = [
         timed(lambda: seed_epoch(model, optimizer, loss_fn, loader, device), device)
-        for _ in range(args.epochs)
+        for _ in range(0 if args.skip_seed else args.epochs)
     ]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     # vae_exp's trainer on device-resident data.
     model, optimizer = fresh()
@@ -140,7 +158,14 @@ def main() -> None:
         skip_nonfinite=0,
         precision=args.precision,
         channels_last=args.channels_last,
+        cuda_graph={"auto": "auto", "true": True, "false": False}[args.cuda_graph],
+        compile=False if args.compile == "false" else args.compile,
         checkpoint=CheckpointConfig(save_last=False, save_best=False),
+    )
+    captured = use_cuda_graph(trainer, device, optimizer, distributed=False)
+    loss_fn.to(device)
+    step = make_step(
+        model, loss_fn, optimizer, trainer, device, captured, Cluster(), args.batch_size
     )
     with tempfile.TemporaryDirectory() as tmp, StopRequest() as stop:
         tracker = Tracker(Path(tmp), {}, LoggerConfig(name="none"))
@@ -150,11 +175,16 @@ def main() -> None:
         def our_epoch() -> None:
             pos.batches_done = pos.epoch_steps = 0
             pos.sums = {}
-            train_epoch(model, loss_fn, optimizer, batches, tracker, pos, trainer, bar, stop)
+            train_epoch(step, model, loss_fn, optimizer, batches, tracker, pos, trainer, bar, stop)
 
         ours_times = [timed(our_epoch, device) for _ in range(args.epochs)]
+        final_loss = pos.sums["loss"] / pos.epoch_steps
 
-    seed_s, ours_s = statistics.median(seed_times), statistics.median(ours_times)
+    seed_s = statistics.median(seed_times) if seed_times else float("nan")
+    ours_s = statistics.median(ours_times)
+    how = [args.precision, "CUDA graph" if captured else "eager"]
+    how += [f"compile {args.compile}"] if args.compile != "false" else []
+    how += ["channels_last"] if args.channels_last else []
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln), "unknown CPU")
@@ -170,16 +200,17 @@ def main() -> None:
         f"{', '.join(f'{t:.2f}' for t in seed_times)} |"
     )
     print(
-        f"| vae_exp train_epoch, device-resident, {args.precision}"
-        f"{', channels_last' if args.channels_last else ''} | {ours_s:.2f} | {n / ours_s:.0f} | "
-        f"{', '.join(f'{t:.2f}' for t in ours_times)} |"
+        f"| vae_exp train_epoch, device-resident, {', '.join(how)} | {ours_s:.2f} | "
+        f"{n / ours_s:.0f} | {', '.join(f'{t:.2f}' for t in ours_times)} |"
     )
+    print(f"vae_exp's last epoch: mean train loss {final_loss:.5f}")
     print(
         f"speed-up: {seed_s / ours_s:.2f}x (one-off decode+resize for vae_exp: "
         f"{prepare_seconds:.1f} s)"
     )
     if device.type == "cuda":
-        print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MiB")
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        print(f"peak GPU memory (vae_exp's loop): {peak:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ TINY = [
     "trainer.epochs=2",
     "trainer.progress=false",
     "trainer.log_every=2",
+    "eval.k=20",  # the final evaluation: 20 importance samples per image (default 1000)
 ]
 
 

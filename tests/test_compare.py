@@ -45,7 +45,10 @@ def test_compare_a_sweep(sweep):
         ("8", "0.001"),
     }
     for row in table:
-        metrics = [json.loads(line) for line in (sweep / row["run"] / "metrics.jsonl").open()]
+        lines = [json.loads(line) for line in (sweep / row["run"] / "metrics.jsonl").open()]
+        metrics = [m for m in lines if "epoch" in m]
+        [evaluation] = [m for m in lines if "eval/nll" in m]  # the final evaluation's line
+        assert float(row["test NLL (IS)"]) == pytest.approx(evaluation["eval/nll"])
         assert float(row["final val/loss"]) == pytest.approx(metrics[-1]["val/loss"])
         assert float(row["best val/loss"]) == pytest.approx(min(m["val/loss"] for m in metrics))
         assert float(row["final val/kld"]) == pytest.approx(metrics[-1]["val/kld"])

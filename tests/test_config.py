@@ -19,9 +19,12 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_its_options():
+    assert options("model") == ["conditional_conv_vae", "conv_vae", "mlp_vae"]
     assert options("data") == ["cifar10", "fashion_mnist", "folder", "mnist"]
     assert options("optim") == ["adam", "adamw", "sgd"]
-    assert options("loss") == ["bce_kld", "mse_kld"]
+    assert options("loss") == ["bce_kld", "beta_vae", "beta_vae_capacity", "iwae", "mse_kld"]
+    assert options("loss/kl_schedule") == ["constant", "cyclical", "linear"]
+    assert options("experiment") == ["kingma_welling"]
     assert options("logger") == ["none", "wandb"]
     assert sorted(p.stem for p in (CONF / "optim" / "scheduler").glob("*.yaml")) == [
         "cosine",
@@ -36,6 +39,9 @@ CASES = [(g, o) for g in GROUPS for o in options(g)] + [
     ("launcher", "submitit_local"),
     ("launcher", "slurm"),
     ("hparams_search", "optuna"),
+    ("loss/kl_schedule", "linear"),
+    ("loss/kl_schedule", "cyclical"),
+    ("experiment", "kingma_welling"),
 ]
 
 
@@ -54,9 +60,10 @@ def test_option_composes_and_builds(group, option, tmp_path):
     model = build_model(cfg, loss_fn)
     optimizer, scheduler = build_optimizer(cfg, model, epochs=3)
     x = torch.zeros(2, data.channels, data.image_size, data.image_size)
-    out = model(x)
-    assert out.recon.shape == x.shape
-    assert set(loss_fn(out, x)) == {"loss", "recon", "kld", "weighted_kld"}
+    y = torch.zeros(2, dtype=torch.long) if model.num_classes else None  # conditional models
+    out = model(x, y, samples=loss_fn.samples)
+    assert out.recon.shape == (x.shape if loss_fn.samples == 1 else (5, *x.shape))
+    assert {"loss", "recon", "kld", "weighted_kld", "kl_weight"} <= set(loss_fn(out, x))
     assert (scheduler is not None) == (group == "optim/scheduler")
     requeued = group == "launcher" and option != "joblib"  # submitit requeues preempted jobs
     assert (cfg.trainer.resume == "auto") == requeued

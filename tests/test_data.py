@@ -9,11 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vae_exp.config import ConfigError
+from tests.conftest import TINY, compose_cfg, run_cli
+from vae_exp.config import ConfigError, read_data
 from vae_exp.data import (
     DataNotFoundError,
     ImageFiles,
     TensorBatches,
+    binarize,
+    build_data,
     list_folder_split,
     load_idx_split,
     prepare_images,
@@ -228,3 +231,153 @@ def test_replaying_a_pass_from_a_batch_resumes_its_order():
     full = [y.tolist() for _, y in batches.iterate()]
     gen.set_state(state)
     assert [y.tolist() for _, y in batches.iterate(start=4)] == full[4:]
+
+
+# --------------------------------------------------------------------------------------------
+# data.binarize
+
+
+def build_binarized(root, mode, seed=0, pixel_range=(0.0, 1.0), overrides=()):
+    """Both splits of the real MNIST test split's first 512 images (train_split=test), with
+    the training labels replaced by image indices so that a batch says which images it holds."""
+    cfg = compose_cfg(
+        [
+            f"data.root={root}",
+            "data.train_split=test",
+            "data.limit=512",
+            f"data.binarize={mode}",
+            *overrides,
+        ]
+    )
+    data = build_data(read_data(cfg.data), pixel_range, torch.device("cpu"), seed)
+    if hasattr(data.train, "labels"):
+        data.train.labels = torch.arange(data.train.num_examples)
+    return data
+
+
+def by_image(batches):
+    """{image index: pixels} over one pass of batches whose labels are image indices."""
+    return {int(i): x[j] for x, ys in batches for j, i in enumerate(ys)}
+
+
+@pytest.mark.parametrize("pixel_range", [(0.0, 1.0), (-1.0, 1.0)])
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_binarized_pixels_are_the_range_ends_with_the_grey_levels_mean(
+    mnist_root, mode, pixel_range
+):
+    lo, hi = pixel_range
+    grey = build_binarized(mnist_root, "none").val.images.float() / 255  # (512, 1, 32, 32)
+    data = build_binarized(mnist_root, mode, pixel_range=pixel_range)
+    for split in ("train", "val"):
+        batches = list(getattr(data, split))
+        x = torch.cat([b for b, _ in batches])
+        # training labels are image indices (build_binarized); validation is in file order
+        p = torch.cat([grey[y] for _, y in batches]) if split == "train" else grey
+        assert set(x.unique().tolist()) == {lo, hi}, split
+        ones = (x == hi).float()
+        # Each pixel is Bernoulli(p): over M = 512 * 1024 pixels the mean's standard deviation
+        # is sqrt(sum p(1-p)) / M <= 0.5 / sqrt(M) = 7e-4; 3e-3 is > 4 of them.
+        assert abs(ones.mean().item() - p.mean().item()) < 3e-3, split
+        # Calibration by grey level (thresholding would be off by > 0.1 in each bin): each bin
+        # holds > 19,000 pixels, so its mean's standard deviation is < 0.5 / sqrt(19e3) = 3.6e-3
+        # and 0.02 is > 5 of them.
+        for a, b in ((1, 63), (64, 127), (128, 191), (192, 254)):
+            in_bin = (p >= a / 255) & (p <= b / 255)
+            assert in_bin.sum() > 19_000
+            assert abs(ones[in_bin].mean().item() - p[in_bin].mean().item()) < 0.02, (split, a)
+
+
+def test_binarize_keeps_binary_data_and_draws_each_channel():
+    generator = torch.Generator().manual_seed(0)
+    binary = torch.randint(0, 2, (64, 3, 8, 8), dtype=torch.uint8, generator=generator) * 255
+    assert torch.equal(binarize(binary, generator), binary)
+    rgb = torch.tensor([0, 64, 255], dtype=torch.uint8).view(1, 3, 1, 1).expand(256, 3, 16, 16)
+    drawn = binarize(rgb, generator).float() / 255
+    assert drawn.dtype == torch.float32 and set(drawn.unique().tolist()) == {0.0, 1.0}
+    means = drawn.mean(dim=(0, 2, 3))  # 65,536 draws per channel: sd of the mean < 2e-3
+    assert means[0] == 0 and means[2] == 1 and abs(means[1].item() - 64 / 255) < 0.01
+
+
+def test_dynamic_binarization_is_new_each_pass_and_replays_from_any_batch(mnist_root):
+    data = build_binarized(mnist_root, "dynamic")
+    generator = data.train.generator
+    state = generator.get_state()
+    first = list(data.train)
+    after_first = generator.get_state()
+    second = by_image(data.train)
+    # a new draw, not just a new order: the same image has other pixels in the next pass
+    changed = [i for i, x in by_image(first).items() if not torch.equal(x, second[i])]
+    assert len(changed) == len(second) == 512
+    generator.set_state(state)  # as resuming mid-epoch from a checkpoint does
+    replay = list(data.train.iterate(start=3))
+    assert len(replay) == len(first) - 3
+    for (x, y), (x0, y0) in zip(replay, first[3:], strict=True):
+        assert torch.equal(y, y0) and torch.equal(x, x0)
+    assert torch.equal(generator.get_state(), after_first)  # the next pass goes on the same
+
+
+def test_dynamic_binarization_replays_on_the_dataloader_path(mnist_root, tmp_path):
+    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    write_pngs(tmp_path, images[:60], labels[:60])
+    passes = {}
+    for resident in (True, False):
+        cfg = compose_cfg(
+            [
+                "data=folder",
+                f"data.root={tmp_path}",
+                "data.channels=1",
+                "data.image_size=32",
+                "data.batch_size=8",
+                "data.num_workers=0",
+                f"data.device_resident={resident}",
+                "data.binarize=dynamic",
+            ]
+        )
+        data = build_data(read_data(cfg.data), (-1.0, 1.0), torch.device("cpu"), seed=0)
+        state = data.train.generator.get_state()
+        full = [x for x, _ in data.train]
+        data.train.generator.set_state(state)
+        replay = [x for x, _ in data.train.iterate(start=2)]
+        assert all(torch.equal(a, b) for a, b in zip(replay, full[2:], strict=True))
+        assert set(torch.cat(full).unique().tolist()) == {-1.0, 1.0}
+        passes[resident] = full, [x for x, _ in data.val]
+    # both paths draw the same bits: the same order, the same per-batch and per-image seeds
+    for a, b in zip(passes[True], passes[False], strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_static_binarization_is_one_draw_per_image_and_seed(mnist_root):
+    data = build_binarized(mnist_root, "static", seed=3)
+    first, second = by_image(data.train), by_image(data.train)
+    assert len(first) == 512
+    assert all(torch.equal(x, second[i]) for i, x in first.items())
+    again = build_binarized(mnist_root, "static", seed=3)
+    assert torch.equal(again.train.images, data.train.images)
+    assert set(data.train.images.unique().tolist()) == {0, 255}
+    other = build_binarized(mnist_root, "static", seed=4)
+    assert not torch.equal(other.train.images, data.train.images)
+    assert torch.equal(other.val.images, data.val.images)  # validation: one fixed draw
+
+
+def test_validation_is_one_fixed_draw_in_dynamic_mode(mnist_root):
+    data = build_binarized(mnist_root, "dynamic")
+    before = [x for x, _ in data.val]
+    list(data.train)  # a training pass in between draws anew for training only
+    after = [x for x, _ in data.val]
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert set(torch.cat(before).unique().tolist()) == {0.0, 1.0}
+    static = build_binarized(mnist_root, "static", seed=7)  # another mode and seed: same draw
+    assert all(torch.equal(a, b) for (a, _), b in zip(static.val, before, strict=True))
+
+
+def test_a_bad_binarize_value_names_the_key_and_the_choices():
+    with pytest.raises(ConfigError) as info:
+        read_data(compose_cfg(["data.binarize=maybe"]).data)
+    assert "data.binarize='maybe'" in str(info.value)
+    assert "none | dynamic | static" in str(info.value)
+
+
+def test_cli_trains_on_dynamically_binarized_mnist(mnist_root, tmp_path):
+    result = run_cli([*TINY, "loss=bce_kld", "data.binarize=dynamic", "logger=none"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.binarize=dynamic" in result.stdout + result.stderr

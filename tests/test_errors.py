@@ -27,7 +27,7 @@ CASES = [
     (["+optim.momentum=0.9"], ["unknown key optim.momentum", "optim.optimizer"]),
     (["+optim.optimizer.foo=1"], ["unknown key optim.optimizer.foo", "betas"]),
     (["+model.foo=1"], ["unknown key model.foo", "latent_dim, hidden_dims"]),
-    (["+loss.beta=2"], ["unknown key loss.beta", "are w."]),
+    (["+loss.beta=2"], ["unknown key loss.beta", "are w, kl_schedule, free_bits, capacity."]),
     (["optim/scheduler=step", "optim.scheduler.step_size=0"], ["optim.scheduler", "ZeroDivision"]),
     (["optim/scheduler=warmup"], ["Could not find 'optim/scheduler/warmup'", "cosine"]),
     (["logger.mode=sometimes"], ["logger.mode='sometimes'", "auto | online | offline"]),

@@ -34,7 +34,9 @@ LONG = [  # 512 steps an epoch (about 2 s): room to signal a run in the middle o
 
 
 def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The per-epoch lines of metrics.jsonl (not the final eval/* line)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if "epoch" in m]
 
 
 def same_losses(a: list[dict], b: list[dict]) -> None:

@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from vae_exp.config import ConfigError
+from vae_exp.distributed import global_rank, launched_by_torchrun
 from vae_exp.tracking import RunLabels
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -54,5 +55,21 @@ def main(cfg: DictConfig) -> float:
         sys.exit(getattr(e, "exit_code", 2))
 
 
+def prepare_torchrun(argv: list[str]) -> None:
+    """Under torchrun, only rank 0 writes files: the other processes get Hydra overrides that
+    leave no run directory, no .hydra/ and no log file behind (they log to stdout). A sweep
+    cannot be run inside torchrun (each process would run the whole sweep)."""
+    if not launched_by_torchrun():
+        return
+    if any(a in ("-m", "--multirun") for a in argv[1:]):
+        sys.exit(
+            "vae_exp: --multirun cannot run under torchrun; run torchrun once per job, or sweep "
+            "with launcher=submitit_local / launcher=slurm."
+        )
+    if global_rank() != 0:
+        argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
 if __name__ == "__main__":
+    prepare_torchrun(sys.argv)
     main()

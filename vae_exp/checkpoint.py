@@ -112,9 +112,12 @@ RESUMABLE_CHANGES = (
     "trainer.skip_nonfinite",
     "trainer.precision",
     "trainer.channels_last",
+    "trainer.cuda_graph",
+    "trainer.compile",
     "data.root",
     "data.num_workers",
     "logger.",
+    "eval.",
 )
 
 

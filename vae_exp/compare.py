@@ -31,7 +31,8 @@ class Run:
     path: Path
     overrides: dict[str, str]
     epochs_planned: int | None
-    metrics: list[dict[str, Any]] = field(default_factory=list)
+    metrics: list[dict[str, Any]] = field(default_factory=list)  # one per epoch
+    evaluation: dict[str, Any] = field(default_factory=dict)  # the eval/* line, if any
     state: str = "finished"  # finished | incomplete | failed
 
     @property
@@ -72,9 +73,13 @@ def read_run(path: Path) -> Run:
     if metrics_file.is_file():
         for line in metrics_file.read_text().splitlines():
             try:
-                run.metrics.append(json.loads(line))
+                values = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if "epoch" in values:
+                run.metrics.append(values)
+            elif "eval/nll" in values:  # the final evaluation (vae_exp.evaluate)
+                run.evaluation = values
     log_file = path / "vae_exp.log"
     failed = log_file.is_file() and "[ERROR]" in log_file.read_text()
     if failed or not run.metrics:
@@ -102,6 +107,9 @@ def rows(runs: list[Run], swept: list[str], root: Path) -> list[dict[str, Any]]:
         row["best epoch"] = r.best.get("epoch")
         seconds = [m["seconds"] for m in r.metrics if _finite(m.get("seconds"))]
         row["s/epoch"] = sum(seconds) / len(seconds) if seconds else None
+        row["test -ELBO"] = r.evaluation.get("eval/neg_elbo")
+        row["test NLL (IS)"] = r.evaluation.get("eval/nll")
+        row["active units"] = r.evaluation.get("eval/active_units")
         table.append(row)
     return table
 

@@ -44,6 +44,7 @@ class DataConfig:
     train_split: str
     val_split: str
     device_resident: bool | str
+    binarize: str = "none"  # none | dynamic | static (vae_exp.data's notes)
     val_fraction: float = 0.05  # folder only
 
 
@@ -67,6 +68,8 @@ class TrainerConfig:
     skip_nonfinite: int
     precision: str
     channels_last: bool
+    cuda_graph: str | bool = "auto"
+    compile: str | bool = False
 
 
 @dataclasses.dataclass
@@ -140,7 +143,7 @@ def _check_bools(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
 
 
 def read_data(section: Mapping) -> DataConfig:
-    from vae_exp.data import DATASETS, SPLITS
+    from vae_exp.data import BINARIZE, DATASETS, SPLITS
 
     d = _read(DataConfig, section, "data")
     _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
@@ -167,6 +170,7 @@ def read_data(section: Mapping) -> DataConfig:
         d.device_resident,
         "auto | true | false",
     )
+    _check(d.binarize in BINARIZE, "data.binarize", d.binarize, " | ".join(BINARIZE))
     if d.name != "folder" and "val_fraction" in section:
         raise ConfigError(
             f"Invalid config: unknown key data.val_fraction for data={d.name}; it is an option "
@@ -189,6 +193,7 @@ def read_data(section: Mapping) -> DataConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
 
 
@@ -218,6 +223,18 @@ def read_trainer(section: Mapping) -> TrainerConfig:
         "null, auto, a run directory or a checkpoint file",
     )
     _check(t.precision in PRECISIONS, "trainer.precision", t.precision, " | ".join(PRECISIONS))
+    _check(
+        t.cuda_graph in ("auto", True, False),
+        "trainer.cuda_graph",
+        t.cuda_graph,
+        "auto | true | false",
+    )
+    _check(
+        t.compile is False or t.compile in COMPILE_MODES,
+        "trainer.compile",
+        t.compile,
+        "false | " + " | ".join(COMPILE_MODES),
+    )
     _check_bools(t, "trainer", ("progress", "channels_last"))
     _check_bools(t.checkpoint, "trainer.checkpoint", ("save_last", "save_best"))
     return t
@@ -319,7 +336,9 @@ def _is_number(v: Any) -> bool:
 
 def check_model_matches_data(model: DictConfig, data: DataConfig) -> None:
     """model.in_channels / model.image_size, where a model has them, must equal the data's
-    (they are interpolated from it by default; an override that breaks that is an error)."""
+    (they are interpolated from it by default; an override that breaks that is an error).
+    Every model's other constraints (the conv models' image_size divisibility, num_classes)
+    are checked by its constructor."""
     for key in ("in_channels", "image_size"):
         data_key = "channels" if key == "in_channels" else key
         if key in model and model[key] != getattr(data, data_key):

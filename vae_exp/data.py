@@ -3,11 +3,31 @@
 MNIST-family and CIFAR-10 splits are decoded and resized once (with PIL, exactly as the seed's
 `transforms.Resize`) into a uint8 tensor kept on the training device; folders are read lazily
 through a DataLoader. Both paths yield float batches normalised to the loss's pixel range.
+
+`data.binarize` (for likelihood benchmarks, e.g. Burda et al. 2015) turns each pixel p = value/255
+into a Bernoulli(p) draw, 0 or 255, before normalising, so batches hold only the two ends of the
+loss's pixel range (0/1, or -1/1). Binary data stays as it is; colour data is drawn per channel.
+
+- `dynamic`: the training split gets fresh draws every pass. At the start of a pass, after its
+  order, one int64 `pass seed` is drawn from the split's shuffle `generator`; batch b of the pass
+  is then drawn on the training device with a generator seeded by `derived_seed(pass seed,
+  rank, b)` (rank: the process's share of the pass under distributed training, else 0).
+  The checkpoint saves that generator's state, so `iterate(start)` after restoring it replays
+  the pass's bits exactly from any batch (mid-epoch resume).
+  The bits depend on the device type (CPU and CUDA generators differ).
+- `static`: the training split is drawn once at load, on the CPU: image i (its index in the
+  split) with a generator seeded by `derived_seed(derived_seed("static", trainer.seed), i)`.
+  The same bits every pass and every run with the same seed, whatever the device, data path
+  (device-resident or DataLoader), batch size or data.limit.
+- With either mode the validation split is a fixed draw made the same way with the seed
+  `derived_seed("val")`: independent of trainer.seed and of the epoch, so validation numbers
+  compare across epochs, runs and seeds.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import pickle
@@ -27,6 +47,7 @@ from vae_exp.config import ConfigError, one_line
 
 DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
 SPLITS = ("train", "test")
+BINARIZE = ("none", "dynamic", "static")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 # Where IDX files may live, relative to data.root, and absolute system folders.
@@ -227,6 +248,56 @@ def normalize(batch: Tensor, pixel_range: tuple[float, float]) -> Tensor:
     return x
 
 
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed from `parts` (a hash, the same in every process), so that each use of one
+    seed (a pass's batches, each image of a split) gets its own unrelated random stream."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def binarize(images: Tensor, generator: torch.Generator) -> Tensor:
+    """Bernoulli draws of uint8 images, on their device: each pixel (each channel) becomes 255
+    with probability value/255, else 0 (uint8). Exact: a uniform integer r in [0, 255) is below
+    the value with probability value/255, so 0 and 255 stay as they are (binary data is
+    unchanged)."""
+    draws = torch.randint(
+        0, 255, images.shape, dtype=torch.uint8, device=images.device, generator=generator
+    )
+    return (draws < images).to(torch.uint8).mul_(255)
+
+
+def binarize_each(images: Tensor, seed: int) -> Tensor:
+    """A fixed draw of each image of a split (uint8, N x C x H x W, on the CPU): image i with a
+    generator seeded by `derived_seed(seed, i)`, so its bits depend on nothing else."""
+    out = torch.empty_like(images)
+    generator = torch.Generator()
+    for i, image in enumerate(images):
+        out[i] = binarize(image, generator.manual_seed(derived_seed(seed, i)))
+    return out
+
+
+def static_seed(role: str, seed: int) -> int:
+    """The seed of a split's fixed draw: the training split's follows trainer.seed, the
+    validation split's is the same for every run."""
+    return derived_seed("static", seed) if role == "train" else derived_seed("val")
+
+
+class BinarizedImages(Dataset):
+    """A dataset of uint8 images with each image replaced by its fixed draw (`binarize_each`),
+    made lazily in the DataLoader workers."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[i]
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, i))
+        return binarize(image, generator), label
+
+
 # --------------------------------------------------------------------------------------------
 # Batching
 
@@ -241,7 +312,9 @@ def usable_examples(n: int, batch_size: int, shuffle: bool) -> int:
 class Batches:
     """The batches of one split. A shuffled (training) split draws a new order from
     `generator` at the start of every pass, so saving the generator's state before a pass
-    lets `iterate(start)` replay that pass from any batch (resuming mid-epoch)."""
+    lets `iterate(start)` replay that pass from any batch (resuming mid-epoch). With
+    `dynamic_binarize` the pass then draws its pass seed from `generator` too, and binarizes
+    batch b with a generator seeded by `derived_seed(pass seed, rank, b)` (module notes)."""
 
     def __init__(
         self,
@@ -250,12 +323,29 @@ class Batches:
         shuffle: bool,
         pixel_range: tuple[float, float],
         generator: torch.Generator | None,
+        dynamic_binarize: bool = False,
     ) -> None:
+        if dynamic_binarize and generator is None:
+            raise ValueError("dynamic binarization draws from the split's generator: pass one")
         self.num_examples, self.batch_size, self.shuffle = num_examples, batch_size, shuffle
         self.pixel_range, self.generator = pixel_range, generator
+        self.dynamic_binarize = dynamic_binarize
+
+    rank, world_size = 0, 1  # this process's share of every pass (distributed training)
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Make every pass yield only this process's share: every pass's order (the same in
+        all processes: they seed `generator` alike, like DistributedSampler's set_epoch)
+        is cut into `world_size` interleaved parts; a shuffled split drops the remainder so
+        that all processes take the same number of steps."""
+        self.rank, self.world_size = rank, world_size
+
+    def _shard_size(self) -> int:
+        n, w = self.num_examples, self.world_size
+        return n // w if self.shuffle else len(range(self.rank, n, w))
 
     def __len__(self) -> int:
-        usable = usable_examples(self.num_examples, self.batch_size, self.shuffle)
+        usable = usable_examples(self._shard_size(), self.batch_size, self.shuffle)
         return math.ceil(usable / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -263,14 +353,32 @@ class Batches:
 
     def iterate(self, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """One pass, skipping its first `start` batches."""
-        n = self.num_examples
+        n, w = self.num_examples, self.world_size
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        order = order[: usable_examples(n, self.batch_size, self.shuffle)]
-        return self.batches(order[start * self.batch_size :])
+        if w > 1:
+            order = order[: n - n % w] if self.shuffle else order
+            order = order[self.rank :: w]
+        order = order[: usable_examples(len(order), self.batch_size, self.shuffle)]
+        pass_seed = None
+        if self.dynamic_binarize:  # drawn now, after the order, like the order replayable
+            pass_seed = int(torch.randint(2**63 - 1, (), generator=self.generator))
+        return self.batches(order[start * self.batch_size :], start, pass_seed)
 
-    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """Normalised images and labels, on the device, for `order` in batches."""
+    def batches(
+        self, order: Tensor, first_batch: int = 0, pass_seed: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalised images and labels, on the device, for `order` in batches; the first is
+        batch `first_batch` of its pass (`pass_seed`: see `finish`)."""
         raise NotImplementedError
+
+    def finish(self, images: Tensor, pass_seed: int | None, batch_index: int) -> Tensor:
+        """A batch of uint8 images on the device, binarized when `pass_seed` is given (batch
+        `batch_index` of a dynamically binarized pass), normalised to the pixel range."""
+        if pass_seed is not None:  # the rank: each process's share of a pass draws its own
+            generator = torch.Generator(device=images.device)
+            generator.manual_seed(derived_seed(pass_seed, self.rank, batch_index))
+            images = binarize(images, generator)
+        return normalize(images, self.pixel_range)
 
 
 class TensorBatches(Batches):
@@ -284,15 +392,18 @@ class TensorBatches(Batches):
         shuffle: bool,
         pixel_range: tuple[float, float],
         generator: torch.Generator | None = None,
+        dynamic_binarize: bool = False,
     ) -> None:
-        super().__init__(len(images), batch_size, shuffle, pixel_range, generator)
+        super().__init__(len(images), batch_size, shuffle, pixel_range, generator, dynamic_binarize)
         self.images, self.labels = images, labels
 
-    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self, order: Tensor, first_batch: int = 0, pass_seed: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         order = order.to(self.images.device)
-        for i in range(0, len(order), self.batch_size):
+        for b, i in enumerate(range(0, len(order), self.batch_size), start=first_batch):
             idx = order[i : i + self.batch_size]
-            yield normalize(self.images[idx], self.pixel_range), self.labels[idx]
+            yield self.finish(self.images[idx], pass_seed, b), self.labels[idx]
 
 
 class ImageFiles(Dataset):
@@ -336,12 +447,17 @@ class LoaderBatches(Batches):
         device: torch.device,
         pixel_range: tuple[float, float],
         generator: torch.Generator | None = None,
+        dynamic_binarize: bool = False,
     ) -> None:
-        super().__init__(len(dataset), batch_size, shuffle, pixel_range, generator)
+        super().__init__(
+            len(dataset), batch_size, shuffle, pixel_range, generator, dynamic_binarize
+        )
         self.dataset, self.num_workers, self.device = dataset, num_workers, device
         self.worker_seeds = torch.Generator().manual_seed(0)
 
-    def batches(self, order: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    def batches(
+        self, order: Tensor, first_batch: int = 0, pass_seed: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
         loader = DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -351,9 +467,9 @@ class LoaderBatches(Batches):
             generator=self.worker_seeds,  # not torch's global RNG, which training draws from
         )
         try:
-            for images, labels in loader:
-                images = images.to(self.device, non_blocking=True)
-                yield normalize(images, self.pixel_range), labels.to(self.device, non_blocking=True)
+            for b, (images, labels) in enumerate(loader, start=first_batch):
+                images = self.finish(images.to(self.device, non_blocking=True), pass_seed, b)
+                yield images, labels.to(self.device, non_blocking=True)
         except ConfigError as e:  # from a worker: its message carries the worker's traceback
             raise ConfigError(
                 str(e).strip().splitlines()[-1].split("ConfigError: ", 1)[-1]
@@ -373,7 +489,11 @@ def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed
 
     With `device_resident` (auto: every dataset but `folder`) a split is decoded and resized
     once and batched from a tensor on `device`; otherwise a DataLoader with `num_workers`
-    reads it."""
+    reads it.
+
+    `cfg.binarize` (see the module's notes): `static` draws the training split once here, from
+    `seed`; `dynamic` draws it anew each pass from the shuffle generator (seeded by `seed`);
+    with either, the validation split is drawn once here with a fixed seed."""
     root = Path(str(cfg.root)).expanduser()
     resident = cfg.device_resident if cfg.device_resident != "auto" else cfg.name != "folder"
     if resident and cfg.num_workers > 0:
@@ -383,8 +503,16 @@ def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed
     for role, split in (("train", cfg.train_split), ("val", cfg.val_split)):
         dataset = load_split(cfg, root, split)
         shuffle = role == "train"
+        mode = cfg.binarize if role == "train" or cfg.binarize == "none" else "static"
+        if mode == "static":
+            split_seed = static_seed(role, seed)
+            if isinstance(dataset, TensorDataset):
+                images, labels = dataset.tensors
+                dataset = TensorDataset(binarize_each(images, split_seed), labels)
+            else:
+                dataset = BinarizedImages(dataset, split_seed)
         if resident:
-            if isinstance(dataset, ImageFiles):
+            if not isinstance(dataset, TensorDataset):
                 dataset = TensorDataset(*default_collate(list(dataset)))
             images, labels = dataset.tensors
             splits[role] = TensorBatches(
@@ -394,6 +522,7 @@ def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed
                 shuffle,
                 pixel_range,
                 shuffle_gen,
+                dynamic_binarize=mode == "dynamic",
             )
         else:
             splits[role] = LoaderBatches(
@@ -404,7 +533,15 @@ def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed
                 device,
                 pixel_range,
                 shuffle_gen,
+                dynamic_binarize=mode == "dynamic",
             )
+    if cfg.binarize != "none":
+        log.info(
+            "data.binarize=%s: training images are drawn %s; validation images once, with a "
+            "fixed seed",
+            cfg.binarize,
+            "anew each epoch" if cfg.binarize == "dynamic" else f"once (trainer.seed={seed})",
+        )
     return Data(train=splits["train"], val=splits["val"])
 
 

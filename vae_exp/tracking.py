@@ -94,16 +94,20 @@ class Tracker:
         history: list[dict[str, Any]] | None = None,
         wandb_id: str | None = None,
         labels: RunLabels | None = None,
+        write: bool = True,
     ) -> None:
         """`history`: metrics of earlier epochs (a resumed run), written first;
-        `wandb_id`: the W&B run to continue; `labels`: name, group and tags in W&B."""
+        `wandb_id`: the W&B run to continue; `labels`: name, group and tags in W&B;
+        `write`: false in the other processes of a distributed run (rank 0 writes)."""
         self.run_dir = run_dir
+        self.write = write
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history or []))
+        if write:
+            self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history or []))
         self.logger = logger
         self.labels = labels or RunLabels()
         self.wandb_run = None
-        if logger.name == "wandb":
+        if logger.name == "wandb" and write:
             self.wandb_run = self._start_wandb(config, wandb_id)
 
     def _start_wandb(self, config: dict[str, Any], wandb_id: str | None):
@@ -176,6 +180,8 @@ class Tracker:
         """One line of metrics.jsonl, and the same values in W&B, where the epoch means of
         the training terms are named train_epoch/* (W&B's train/* is the per-step series,
         and a value logged at the same step would overwrite it)."""
+        if not self.write:
+            return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         renamed = {k.replace("train/", "train_epoch/", 1): v for k, v in metrics.items()}

@@ -35,9 +35,20 @@ from vae_exp.config import (
     read_trainer,
 )
 from vae_exp.data import Batches, build_data
+from vae_exp.distributed import Cluster, start_cluster
+from vae_exp.evaluate import flat_metrics, read_eval, run_evaluation
 from vae_exp.losses import VAELoss
 from vae_exp.models import VAE
 from vae_exp.preemption import StopRequest
+from vae_exp.steps import (
+    CapturedStep,
+    Step,
+    eager_step,
+    forward_loss,
+    grad_norm,
+    set_capturable,
+    use_cuda_graph,
+)
 from vae_exp.tracking import RunLabels, Tracker, image_grid
 
 log = logging.getLogger(__name__)
@@ -133,29 +144,8 @@ class Position:
     best_val_loss: float = math.inf
 
 
-def grad_norm(model: VAE) -> torch.Tensor:
-    """The L2 norm of all gradients together (a device scalar; NaN/Inf if any is)."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms))
-
-
-def forward_loss(
-    model: VAE,
-    loss_fn: VAELoss,
-    x: torch.Tensor,
-    precision: str = "fp32",
-    channels_last: bool = False,
-    generator: torch.Generator | None = None,
-) -> dict[str, torch.Tensor]:
-    """The loss terms of batch `x`: the forward pass in bf16 autocast when precision is
-    "bf16" (the loss itself always in fp32), on a channels_last input when asked."""
-    inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-        out = model(inputs, generator=generator)
-    return loss_fn(out.float(), x)
-
-
 def train_epoch(
+    step: Step,
     model: VAE,
     loss_fn: VAELoss,
     optimizer: torch.optim.Optimizer,
@@ -165,13 +155,17 @@ def train_epoch(
     trainer: TrainerConfig,
     progress: tqdm,
     stop: StopRequest,
+    cluster: Cluster | None = None,
 ) -> None:
     """Train on the batches of one epoch from batch `pos.batches_done` on, updating `pos`.
+    `step(x, y)` is one training step (eager, CUDA graph or DDP) returning its loss terms.
 
     Loss terms are summed on the device and read back only every `log_every` steps (no host
     sync per step). A non-finite loss or gradient stops training (`NonFiniteLoss`), naming the
     first such step, unless trainer.skip_nonfinite allows skipping it (that check syncs every
-    step). Returns early, after a whole step, when `stop` has caught a signal."""
+    step). Returns early, after a whole step, when `stop` has caught a signal (in every
+    process of a distributed run: they agree at the log points)."""
+    cluster = cluster or Cluster()
     model.train()
     device = next(model.parameters()).device
     sums = {k: torch.tensor(v, device=device) for k, v in pos.sums.items()}
@@ -179,46 +173,70 @@ def train_epoch(
     window_steps = 0
     first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step
     bad_terms: dict[str, torch.Tensor] = {}
-    for x, _ in batches.iterate(start=pos.batches_done):
-        if trainer.skip_nonfinite:  # a skipped step must not leave NaNs in BatchNorm's stats
-            saved_buffers = [b.clone() for b in model.buffers()]
-        optimizer.zero_grad(set_to_none=True)
-        terms = forward_loss(model, loss_fn, x, trainer.precision, trainer.channels_last)
-        terms["loss"].backward()
-        terms["grad_norm"] = grad_norm(model)
-        finite = torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])
+    stopping = False
+    for x, y in batches.iterate(start=pos.batches_done):
+        loss_fn.at_step(pos.step)  # KL schedules follow the optimizer step
+        if trainer.skip_nonfinite:
+            terms = careful_step(model, loss_fn, optimizer, x, y, pos, trainer)
+        else:
+            terms = step(x, y)
         pos.batches_done += 1
         progress.update(1)
-        if trainer.skip_nonfinite and not finite.item():  # skip: no update, stats restored
-            pos.skipped += 1
-            for b, saved in zip(model.buffers(), saved_buffers):
-                b.copy_(saved)
-            log.warning("skipped non-finite step %d: %s", pos.step + 1, describe(terms))
-            if pos.skipped > trainer.skip_nonfinite:
-                raise NonFiniteLoss(nonfinite_message(pos.step + 1, terms, trainer))
-        else:
-            optimizer.step()
+        if terms is not None:  # a step was taken (not skipped)
             pos.step += 1
             pos.epoch_steps += 1
             window_steps += 1
+            finite = torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])
             newly_bad = ~finite & (first_bad < 0)
             first_bad = torch.where(newly_bad, pos.step, first_bad)
-            for k, v in terms.items():
-                v = v.detach()
-                sums[k] = sums[k] + v if k in sums else v
-                window[k] = window[k] + v if k in window else v
+            for k, v in terms.items():  # new tensors: a CUDA graph reuses its outputs
+                sums[k] = sums[k] + v if k in sums else v.clone()
+                window[k] = window[k] + v if k in window else v.clone()
                 bad_terms[k] = torch.where(newly_bad, v, bad_terms.get(k, v))
-        done = pos.batches_done == len(batches) or stop.signal_name is not None
-        if window_steps and (window_steps == trainer.log_every or done):
+        last = pos.batches_done == len(batches)
+        at_log_point = window_steps == trainer.log_every or last
+        if cluster.distributed:  # processes stop together, deciding at the log points
+            stopping = at_log_point and cluster.any(stop.signal_name is not None, device)
+        else:
+            stopping = stop.signal_name is not None
+        if window_steps and (at_log_point or stopping):
             if first_bad.item() >= 0:
                 raise NonFiniteLoss(nonfinite_message(first_bad.item(), bad_terms, trainer))
-            means = {k: v.item() / window_steps for k, v in window.items()}
+            names = list(window)
+            means = cluster.sum_(torch.stack([window[k] for k in names])) / cluster.world_size
+            means = dict(zip(names, (means / window_steps).tolist()))
             progress.set_postfix(loss=f"{sums['loss'].item() / pos.epoch_steps:.4f}")
             tracker.log_step(pos.step, {f"train/{k}": v for k, v in means.items()})
             window, window_steps = {}, 0
-        if stop.signal_name is not None:
+        if stopping:
             break
+    if sums and cluster.distributed:  # the epoch's sums: the mean over processes
+        names = list(sums)
+        total = cluster.sum_(torch.stack([sums[k] for k in names])) / cluster.world_size
+        sums = dict(zip(names, total))
     pos.sums = {k: float(v) for k, v in sums.items()}
+
+
+def careful_step(model, loss_fn, optimizer, x, y, pos: Position, trainer: TrainerConfig):
+    """An eager step that checks the loss and gradients before updating (a host sync): a
+    non-finite step is skipped (no update, BatchNorm statistics restored) and counted, up to
+    trainer.skip_nonfinite times. Returns the terms, or None when the step was skipped."""
+    saved_buffers = [b.clone() for b in model.buffers()]
+    optimizer.zero_grad(set_to_none=True)
+    terms = forward_loss(model, loss_fn, x, y, trainer.precision, trainer.channels_last)
+    terms["loss"].backward()
+    terms["grad_norm"] = grad_norm(model)
+    terms = {k: v.detach() for k, v in terms.items()}
+    if (torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])).item():
+        optimizer.step()
+        return terms
+    pos.skipped += 1
+    for b, saved in zip(model.buffers(), saved_buffers):
+        b.copy_(saved)
+    log.warning("skipped non-finite step %d: %s", pos.step + 1, describe(terms))
+    if pos.skipped > trainer.skip_nonfinite:
+        raise NonFiniteLoss(nonfinite_message(pos.step + 1, terms, trainer))
+    return None
 
 
 def describe(terms: dict[str, torch.Tensor]) -> str:
@@ -241,27 +259,36 @@ def validate(
     seed: int,
     precision: str = "fp32",
     channels_last: bool = False,
+    cluster: Cluster | None = None,
 ) -> dict[str, float]:
     """Mean loss terms per example over the validation batches: the training objective (at
-    the training precision), with the model in eval mode and the posterior noise drawn from a
-    generator seeded with `seed`, so the same weights always give the same numbers."""
+    the training precision, at the current KL weight), with the model in eval mode and the
+    posterior noise drawn from a generator seeded with `seed`, so the same weights always give
+    the same numbers. In a distributed run each process takes its share of the batches and
+    the sums are all-reduced."""
+    cluster = cluster or Cluster()
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device).manual_seed(seed)
+    generator = torch.Generator(device).manual_seed(seed + cluster.rank)
     sums: dict[str, torch.Tensor] = {}
-    seen = 0
-    for x, _ in batches:
-        terms = forward_loss(model, loss_fn, x, precision, channels_last, generator)
+    seen = torch.zeros((), device=device)
+    for x, y in batches:
+        terms = forward_loss(model, loss_fn, x, y, precision, channels_last, generator)
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v * x.shape[0]
         seen += x.shape[0]
-    return {k: v.item() / seen for k, v in sums.items()}
+    names = list(sums)
+    totals = cluster.sum_(torch.stack([sums[k] for k in names] + [seen]))
+    return dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
 
 
-def checkpoint_state(model, optimizer, scheduler, pos, config, metrics, data, tracker) -> dict:
+def checkpoint_state(
+    model, optimizer, scheduler, pos, config, metrics, data, tracker, loss_fn
+) -> dict:
     """Everything a checkpoint holds (plain tensors and containers: weights_only-loadable)."""
     return {
         "model": model.state_dict(),
+        "loss": loss_fn.state_dict(),  # KL schedule / capacity state
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "position": asdict(pos),
@@ -275,11 +302,20 @@ def checkpoint_state(model, optimizer, scheduler, pos, config, metrics, data, tr
 
 
 def resume_from(
-    path: Path, config: dict, epochs: int, run_dir: Path, model, optimizer, scheduler, data
+    path: Path,
+    config: dict,
+    epochs: int,
+    run_dir: Path | None,
+    model,
+    optimizer,
+    scheduler,
+    data,
+    loss_fn: VAELoss,
 ) -> tuple[Position, str | None, list[dict]]:
-    """Load the checkpoint at `path` into the model, optimizer, scheduler and RNGs; returns
-    its Position, W&B run id and the metrics of the epochs it completed. The old run's
-    best.pt is copied into `run_dir`, so the best model so far stays with the run."""
+    """Load the checkpoint at `path` into the model, optimizer, scheduler, loss (its KL
+    schedule) and RNGs; returns its Position, W&B run id and the metrics of the epochs it
+    completed. The old run's best.pt is copied into `run_dir` (None: copy nothing), so the
+    best model so far stays with the run."""
     state = load_checkpoint(path)
     differences = config_differences(state["config"], config)
     if differences:
@@ -296,6 +332,7 @@ def resume_from(
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
+    loss_fn.load_state_dict(state.get("loss") or {})
     restore_rng(state["rng"], data.train.generator)
     pos = Position(**state["position"])
     old_dir = path.parent.parent
@@ -308,7 +345,7 @@ def resume_from(
                 continue  # a line cut short by a kill
     history = [m for m in history if m.get("epoch", math.inf) <= pos.epoch]
     best = old_dir / "checkpoints" / "best.pt"
-    if best.is_file() and old_dir.resolve() != run_dir.resolve():
+    if run_dir is not None and best.is_file() and old_dir.resolve() != run_dir.resolve():
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
     log.info(
@@ -321,79 +358,207 @@ def resume_from(
     return pos, state.get("wandb_id"), history
 
 
+def check_labels(data, num_classes: int) -> None:
+    """A conditional model needs every label in [0, num_classes): checked once, here."""
+    if not num_classes:
+        return
+    for role, batches in (("train", data.train), ("val", data.val)):
+        labels = getattr(batches, "labels", None)
+        if labels is None:  # a DataLoader split: its file list's labels
+            dataset = batches.dataset
+            while not hasattr(dataset, "labels") and hasattr(dataset, "dataset"):
+                dataset = dataset.dataset  # a wrapper (binarized images)
+            if hasattr(dataset, "labels"):
+                labels = torch.as_tensor(dataset.labels)
+            else:  # a TensorDataset of images and labels
+                labels = dataset.tensors[1]
+        if len(labels) and not (int(labels.min()) >= 0 and int(labels.max()) < num_classes):
+            raise ConfigError(
+                f"Invalid config: model.num_classes={num_classes} but the {role} split has "
+                f"labels {int(labels.min())}..{int(labels.max())}; allowed: model.num_classes > "
+                f"{int(labels.max())}."
+            )
+
+
+def make_step(
+    model, loss_fn, optimizer, trainer, device, captured: bool, cluster, batch_size: int
+) -> Step:
+    """The training step the trainer settings ask for: replayed from a CUDA graph, or eager
+    (through DDP when distributed; with torch.compile'd forward when trainer.compile is set)."""
+    set_capturable(optimizer, captured)
+    if captured:
+        return CapturedStep(
+            model, loss_fn, optimizer, trainer.precision, trainer.channels_last, batch_size
+        )
+    net = model
+    if trainer.compile:
+        mode = None if trainer.compile == "default" else trainer.compile
+        model.compile(mode=mode)  # in place: state_dict keys stay the same
+    if cluster.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return eager_step(net, model, loss_fn, optimizer, trainer.precision, trainer.channels_last)
+
+
+def describe_step(trainer: TrainerConfig, captured: bool, cluster: Cluster) -> str:
+    parts = ["CUDA graph" if captured else "eager", trainer.precision]
+    if trainer.compile:
+        parts.append(f"torch.compile({trainer.compile})")
+    if trainer.channels_last:
+        parts.append("channels_last")
+    if cluster.distributed:
+        parts.append(f"DDP x{cluster.world_size}")
+    return ", ".join(parts)
+
+
+def pictures(model: VAE, fixed_z, fixed_x, fixed_y, trainer: TrainerConfig, loss_fn: VAELoss):
+    """The epoch's picture grids: prior samples from the fixed z (for a conditional model one
+    row per class), and fixed validation images over their reconstructions (posterior mean)."""
+    model.eval()
+    with torch.no_grad():
+        if model.num_classes:
+            per_class = trainer.sample_grid
+            z = fixed_z[:per_class].repeat(model.num_classes, 1)
+            y = torch.arange(model.num_classes, device=z.device).repeat_interleave(per_class)
+            samples = model.to_image(model.decode(z, y))
+        else:
+            per_class = trainer.sample_grid
+            samples = model.to_image(model.decode(fixed_z))
+        recons = model.to_image(model.decode(model.encode(fixed_x, fixed_y).mu, fixed_y))
+    value_range = loss_fn.pixel_range
+    yield "samples", image_grid(samples, per_class, value_range)
+    yield "reconstructions", image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range)
+
+
 def run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> float:
     """Train the experiment described by `cfg`, writing outputs to `run_dir`.
     Returns the best validation loss (what sweepers minimise). From the start, SIGTERM /
     SIGINT / SIGUSR2 stop the run cleanly at the next step or epoch boundary."""
     with StopRequest() as stop:
-        return _run(cfg, run_dir, labels, stop)
+        cluster, device = start_cluster(str(cfg.trainer.get("device", "auto")))
+        try:
+            return _run(cfg, run_dir, labels, stop, cluster, device)
+        finally:
+            cluster.close()
 
 
-def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopRequest) -> float:
+def _run(
+    cfg: DictConfig,
+    run_dir: Path,
+    labels: RunLabels | None,
+    stop: StopRequest,
+    cluster: Cluster,
+    cluster_device: torch.device | None,
+) -> float:
     # 1. Check and build everything before any data is loaded or step taken.
     data_cfg = read_data(cfg.data)
     check_model_matches_data(cfg.model, data_cfg)
     trainer = read_trainer(cfg.trainer)
     logger_cfg = read_logger(cfg.logger)
-    device = resolve_device(trainer.device)
+    eval_settings = read_eval(cfg.get("eval"))
+    device = cluster_device or resolve_device(trainer.device)
     torch.manual_seed(trainer.seed)
     loss_fn = instantiate_checked(cfg.loss, "loss")
     model = build_model(cfg, loss_fn).to(device)
     if trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = build_optimizer(cfg, model, trainer.epochs)
+    captured = use_cuda_graph(trainer, device, optimizer, cluster.distributed)
     config = OmegaConf.to_container(cfg, resolve=True)
     resume_path = None
     if trainer.resume is not None:
         roots = [Path.cwd() / "outputs", Path.cwd() / "multirun"]
-        resume_path = find_resume_checkpoint(trainer.resume, config, run_dir, roots, trainer.epochs)
+        if cluster.is_main:
+            resume_path = find_resume_checkpoint(
+                trainer.resume, config, run_dir, roots, trainer.epochs
+            )
+        resume_path = cluster.broadcast(resume_path)
         if resume_path is None:
             log.info("trainer.resume=auto: no unfinished run of this experiment; starting anew")
+    if cluster.distributed and trainer.skip_nonfinite:
+        raise ConfigError(
+            f"Invalid config: trainer.skip_nonfinite={trainer.skip_nonfinite} with torchrun; "
+            "allowed: 0 (processes cannot skip a step on their own under DDP)."
+        )
     data = build_data(data_cfg, loss_fn.pixel_range, device, trainer.seed)
+    if data.val.num_examples < cluster.world_size:
+        raise ConfigError(
+            f"Invalid config: {data.val.num_examples} validation images for "
+            f"{cluster.world_size} processes; allowed: at least one image per process."
+        )
+    check_labels(data, model.num_classes)
+    data.train.shard(cluster.rank, cluster.world_size)
+    data.val.shard(cluster.rank, cluster.world_size)
 
     pos, wandb_id, history = Position(), None, []
     if resume_path is not None:
         pos, wandb_id, history = resume_from(
-            resume_path, config, trainer.epochs, run_dir, model, optimizer, scheduler, data
+            resume_path,
+            config,
+            trainer.epochs,
+            run_dir if cluster.is_main else None,
+            model,
+            optimizer,
+            scheduler,
+            data,
+            loss_fn,
         )
+    loss_fn.to(device)
+    if cluster.distributed:  # each process draws its own posterior noise
+        torch.manual_seed(trainer.seed + 1009 * cluster.rank + pos.step)
+    step = make_step(
+        model, loss_fn, optimizer, trainer, device, captured, cluster, data.train.batch_size
+    )
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
-        "%s: %.2fM parameters on %s; %d train / %d val images; outputs in %s",
+        "%s: %.2fM parameters on %s%s; %d train / %d val images; step: %s; outputs in %s",
         type(model).__name__,
         n_params / 1e6,
         device,
+        f" (rank {cluster.rank} of {cluster.world_size})" if cluster.distributed else "",
         data.train.num_examples,
         data.val.num_examples,
+        describe_step(trainer, captured, cluster),
         run_dir,
     )
 
     # 2. Fixed inputs for the picture grids, so every epoch's grids are comparable.
     grid_gen = torch.Generator().manual_seed(trainer.seed)
     fixed_z = torch.randn(trainer.sample_grid**2, model.latent_dim, generator=grid_gen).to(device)
-    fixed_x = next(iter(data.val))[0][: trainer.num_reconstructions]
+    fixed_x, fixed_y = (t[: trainer.num_reconstructions] for t in next(iter(data.val)))
     checkpoints = run_dir / "checkpoints"
     last_good = resume_path  # the newest checkpoint with finite weights
     epoch_metrics: list[dict] = []  # this process's epochs (history holds earlier ones)
 
     # 3. Epochs: train, validate, log, draw, checkpoint.
-    tracker = Tracker(run_dir, config, logger_cfg, history, wandb_id, labels)
+    tracker = Tracker(run_dir, config, logger_cfg, history, wandb_id, labels, write=cluster.is_main)
     try:
         while pos.epoch < trainer.epochs:
             epoch = pos.epoch + 1
             start = time.perf_counter()
             data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
-            if stop.signal_name is None:
+            if not cluster.any(stop.signal_name is not None, device):
                 bar = tqdm(
                     total=len(data.train),
                     initial=pos.batches_done,
                     desc=f"Epoch {epoch}/{trainer.epochs}",
-                    disable=not trainer.progress,
+                    disable=not (trainer.progress and cluster.is_main),
                     dynamic_ncols=True,
                 )
                 with bar:
                     try:
                         train_epoch(
-                            model, loss_fn, optimizer, data.train, tracker, pos, trainer, bar, stop
+                            step,
+                            model,
+                            loss_fn,
+                            optimizer,
+                            data.train,
+                            tracker,
+                            pos,
+                            trainer,
+                            bar,
+                            stop,
+                            cluster,
                         )
                     except NonFiniteLoss as e:
                         kept = (
@@ -402,24 +567,33 @@ def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopReq
                             else "No checkpoint had been written yet."
                         )
                         raise NonFiniteLoss(f"{e} Training stopped. {kept}") from None
-            if stop.signal_name is not None:  # caught during the epoch or before it
+            if cluster.any(stop.signal_name is not None, device):  # during or before the epoch
                 state = checkpoint_state(
-                    model, optimizer, scheduler, pos, config, None, data, tracker
+                    model, optimizer, scheduler, pos, config, None, data, tracker, loss_fn
                 )
                 state["rng"]["data"] = data_rng  # replay this epoch's order on resume
-                save_checkpoint(checkpoints / "last.pt", state)
-                code = 128 + stop.signal_number
+                if cluster.is_main:
+                    save_checkpoint(checkpoints / "last.pt", state)
+                signal_number = stop.signal_number or 15  # another process got the signal
+                stop.signal_name = stop.signal_name or "SIGTERM"
+                code = 128 + signal_number
                 tracker.finish(exit_code=code, preempted=True)
                 stop.hand_over()  # under submitit (SIGUSR2): requeue this job, then exit
                 raise Preempted(
                     f"Stopped by {stop.signal_name} in epoch {epoch} after step {pos.step}; "
                     f"checkpoint {checkpoints / 'last.pt'} holds that step. Continue with "
                     f"trainer.resume={run_dir}",
-                    stop.signal_number,
+                    signal_number,
                 )
             train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
             val_terms = validate(
-                model, loss_fn, data.val, trainer.seed, trainer.precision, trainer.channels_last
+                model,
+                loss_fn,
+                data.val,
+                trainer.seed,
+                trainer.precision,
+                trainer.channels_last,
+                cluster,
             )
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
@@ -437,6 +611,10 @@ def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopReq
             }
             tracker.log_epoch(metrics)
             epoch_metrics.append(metrics)
+            pos.best_val_loss, improved = (
+                min(pos.best_val_loss, val_terms["loss"]),
+                val_terms["loss"] < pos.best_val_loss,
+            )
             log.info(
                 "epoch %d/%d  train loss %.5f (recon %.5f, kld %.3f)  "
                 "val loss %.5f (recon %.5f, kld %.3f)  %.1fs",
@@ -451,22 +629,12 @@ def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopReq
                 seconds,
             )
 
-            # Pictures: prior samples from the fixed z; fixed validation images over their
-            # reconstructions from the posterior mean.
-            model.eval()
-            with torch.no_grad():
-                samples = model.to_image(model.decode(fixed_z))
-                recons = model.to_image(model.decode(model.encode(fixed_x).mu))
-            value_range = loss_fn.pixel_range
-            grid = image_grid(samples, trainer.sample_grid, value_range)
-            tracker.log_image(epoch, "samples", grid)
-            grid = image_grid(torch.cat([fixed_x, recons]), len(fixed_x), value_range)
-            tracker.log_image(epoch, "reconstructions", grid)
-
-            improved = val_terms["loss"] < pos.best_val_loss
-            pos.best_val_loss = min(pos.best_val_loss, val_terms["loss"])
+            if not cluster.is_main:
+                continue  # rank 0 draws and writes
+            for name, grid in pictures(model, fixed_z, fixed_x, fixed_y, trainer, loss_fn):
+                tracker.log_image(epoch, name, grid)
             state = checkpoint_state(
-                model, optimizer, scheduler, pos, config, metrics, data, tracker
+                model, optimizer, scheduler, pos, config, metrics, data, tracker, loss_fn
             )
             if trainer.checkpoint.save_last:
                 save_checkpoint(checkpoints / "last.pt", state)
@@ -485,6 +653,9 @@ def _run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None, stop: StopReq
                 "best/epoch": best["epoch"],
             }
         )
+        if eval_settings.enabled and cluster.is_main:
+            results = run_evaluation(model, loss_fn, cfg, eval_settings, run_dir, pos.epoch)
+            tracker.summarize(flat_metrics(results))
     except BaseException as e:
         tracker.finish(exit_code=getattr(e, "exit_code", 1), preempted=isinstance(e, Preempted))
         raise

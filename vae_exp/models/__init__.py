@@ -1,6 +1,16 @@
 """VAE models: one interface (`VAE`), shared conv builders, one file per model family."""
 
 from vae_exp.models.base import VAE, Posterior, VAEOutput
+from vae_exp.models.conditional import ConditionalConvVAE, class_grid_labels
 from vae_exp.models.conv import ConvVAE
+from vae_exp.models.mlp import MLPVAE
 
-__all__ = ["VAE", "Posterior", "VAEOutput", "ConvVAE"]
+__all__ = [
+    "VAE",
+    "Posterior",
+    "VAEOutput",
+    "ConvVAE",
+    "ConditionalConvVAE",
+    "MLPVAE",
+    "class_grid_labels",
+]

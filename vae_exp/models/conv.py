@@ -10,8 +10,40 @@ from torch import Tensor, nn
 from vae_exp.models.base import DECODER_OUTPUTS, VAE, Posterior
 
 
-def _is_count(value: object) -> bool:
+def is_count(value: object) -> bool:
+    """An int >= 1 (not a bool): what counts, sizes and dimensions must be."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_decoder_output(decoder_output: str) -> None:
+    if decoder_output not in DECODER_OUTPUTS:
+        raise ValueError(
+            f"decoder_output={decoder_output!r}; allowed: {' | '.join(DECODER_OUTPUTS)}"
+        )
+
+
+def check_conv_args(
+    image_size: int, latent_dim: int, hidden_dims: Sequence[int], decoder_output: str
+) -> list[int]:
+    """The checks every conv VAE makes on its arguments (ValueErrors naming the config key);
+    returns hidden_dims as a new list (the config's list is never mutated)."""
+    if isinstance(hidden_dims, str) or not isinstance(hidden_dims, Sequence):
+        raise ValueError(f"model.hidden_dims={hidden_dims!r} must be a list of integers >= 1")
+    hidden_dims = list(hidden_dims)
+    if not hidden_dims or not all(is_count(d) for d in hidden_dims):
+        raise ValueError(
+            f"model.hidden_dims={hidden_dims} must be a non-empty list of integers >= 1"
+        )
+    if not is_count(latent_dim):
+        raise ValueError(f"model.latent_dim={latent_dim!r} must be an integer >= 1")
+    factor = 2 ** len(hidden_dims)
+    if image_size % factor:
+        raise ValueError(
+            f"data.image_size={image_size} is not divisible by 2**len(model.hidden_dims)="
+            f"{factor}; use an image size that is a multiple of {factor} or fewer hidden_dims"
+        )
+    check_decoder_output(decoder_output)
+    return hidden_dims
 
 
 def conv_encoder(in_channels: int, hidden_dims: Sequence[int]) -> nn.Sequential:
@@ -61,25 +93,8 @@ class ConvVAE(VAE):
         decoder_output: str = "tanh",
     ) -> None:
         super().__init__()
-        if isinstance(hidden_dims, str) or not isinstance(hidden_dims, Sequence):
-            raise ValueError(f"model.hidden_dims={hidden_dims!r} must be a list of integers >= 1")
-        hidden_dims = list(hidden_dims)
-        if not hidden_dims or not all(_is_count(d) for d in hidden_dims):
-            raise ValueError(
-                f"model.hidden_dims={hidden_dims} must be a non-empty list of integers >= 1"
-            )
-        if not _is_count(latent_dim):
-            raise ValueError(f"model.latent_dim={latent_dim!r} must be an integer >= 1")
+        hidden_dims = check_conv_args(image_size, latent_dim, hidden_dims, decoder_output)
         factor = 2 ** len(hidden_dims)
-        if image_size % factor:
-            raise ValueError(
-                f"data.image_size={image_size} is not divisible by 2**len(model.hidden_dims)="
-                f"{factor}; use an image size that is a multiple of {factor} or fewer hidden_dims"
-            )
-        if decoder_output not in DECODER_OUTPUTS:
-            raise ValueError(
-                f"decoder_output={decoder_output!r}; allowed: {' | '.join(DECODER_OUTPUTS)}"
-            )
         self.latent_dim = latent_dim
         self.decoder_output = decoder_output
         self.hidden_dims = tuple(hidden_dims)

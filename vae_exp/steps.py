@@ -1,0 +1,187 @@
+"""One training step (forward, backward, gradient norm, optimizer step), eager or replayed from
+a CUDA graph. Both return the step's loss terms as device tensors and never sync with the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from vae_exp.config import ConfigError
+from vae_exp.losses import VAELoss
+
+log = logging.getLogger(__name__)
+
+Terms = dict[str, Tensor]
+Step = Callable[[Tensor, Tensor], Terms]
+
+
+def grad_norm(model: nn.Module) -> Tensor:
+    """The L2 norm of all gradients together (a device scalar; NaN/Inf if any is)."""
+    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def forward_loss(
+    net: nn.Module,
+    loss_fn: VAELoss,
+    x: Tensor,
+    y: Tensor | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    generator: torch.Generator | None = None,
+) -> Terms:
+    """The loss terms of batch `x` (labels `y`): the forward pass in bf16 autocast when
+    precision is "bf16" (the loss itself always in fp32), on a channels_last input when asked,
+    with as many posterior samples per image as the loss asks for (`loss_fn.samples`)."""
+    inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    bf16 = precision == "bf16"
+    # cache_enabled=False: autocast's weight cache must be off inside CUDA graph capture.
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
+        out = net(inputs, y, samples=loss_fn.samples, generator=generator)
+    return loss_fn(out.float(), x)
+
+
+def eager_step(
+    net, model, loss_fn, optimizer, precision: str, channels_last: bool, keep_grads: bool = False
+) -> Step:
+    """The plain PyTorch step: `net` is the model or its DDP wrapper, `model` the model.
+    `keep_grads`: zero the gradient tensors instead of freeing them (they belong to a graph)."""
+
+    def step(x: Tensor, y: Tensor) -> Terms:
+        optimizer.zero_grad(set_to_none=not keep_grads)
+        terms = forward_loss(net, loss_fn, x, y, precision, channels_last)
+        terms["loss"].backward()
+        terms["grad_norm"] = grad_norm(model)
+        optimizer.step()
+        return {k: v.detach() for k, v in terms.items()}
+
+    return step
+
+
+def set_capturable(optimizer: torch.optim.Optimizer, capturable: bool) -> None:
+    """Switch Adam-style optimizers to (or from) their CUDA-graph-safe form, whose step
+    counters live on the parameters' device. Also needed after loading a state saved by a run
+    that used the other form."""
+    if "capturable" not in optimizer.defaults:
+        return
+    for group in optimizer.param_groups:
+        group["capturable"] = capturable
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "step" in state and torch.is_tensor(state["step"]):
+                on_device = capturable or group.get("fused")  # fused kernels want it there too
+                device = p.device if on_device else torch.device("cpu")
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)
+
+
+def cuda_graph_blocker(trainer, device: torch.device, optimizer, distributed: bool) -> str | None:
+    """Why the training step cannot be captured in a CUDA graph here (None: it can)."""
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if distributed:
+        return "training is distributed (DDP)"
+    if trainer.skip_nonfinite:
+        return "trainer.skip_nonfinite needs a host check before every optimizer step"
+    if trainer.compile:
+        return "trainer.compile is on (its reduce-overhead mode makes its own CUDA graphs)"
+    if "capturable" not in optimizer.defaults:
+        return f"{type(optimizer).__name__} has no capturable (CUDA-graph-safe) form"
+    return None
+
+
+def use_cuda_graph(trainer, device: torch.device, optimizer, distributed: bool) -> bool:
+    """trainer.cuda_graph: auto = wherever possible; true = required (a config error if it
+    cannot be); false = never."""
+    if trainer.cuda_graph is False:
+        return False
+    blocker = cuda_graph_blocker(trainer, device, optimizer, distributed)
+    if blocker is None:
+        return True
+    if trainer.cuda_graph is True:
+        raise ConfigError(
+            f"Invalid config: trainer.cuda_graph=true but the step cannot be captured: {blocker}. "
+            "allowed: auto (capture where possible) | false."
+        )
+    return False
+
+
+class CapturedStep:
+    """The whole training step (forward with the reparameterisation noise, backward, gradient
+    norm, optimizer step) captured in one CUDA graph and replayed for every full batch.
+
+    The first `warmup` steps run eagerly on a side stream (they are real training steps: the
+    graph is captured from a warmed-up model, as PyTorch's docs require); then the step is
+    captured on the current batch and replayed with each new batch copied into the static
+    input buffers. The noise is drawn inside the graph from CUDA's default generator (graph
+    replays advance it, so every step gets fresh noise). Adam runs in its capturable form.
+    Batches of another shape (the last, partial one) take an eager step. A change of learning
+    rate (a scheduler, once per epoch) re-captures, since the graph holds the rate it saw.
+    """
+
+    def __init__(
+        self, model, loss_fn, optimizer, precision, channels_last, batch_size: int, warmup: int = 3
+    ):
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.batch_size = batch_size  # batches of this size are captured; others run eagerly
+        self.precision, self.channels_last = precision, channels_last
+        self.eager = eager_step(model, model, loss_fn, optimizer, precision, channels_last)
+        # After capture, eager steps must write into the graph's own gradient tensors.
+        self.eager_in_graph = eager_step(
+            model, model, loss_fn, optimizer, precision, channels_last, keep_grads=True
+        )
+        self.warmup = warmup
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.static_x = self.static_y = None
+        self.static_terms: Terms = {}
+        self.captured_lrs: list[float] = []
+        set_capturable(optimizer, True)
+
+    def __call__(self, x: Tensor, y: Tensor) -> Terms:
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        if self.graph is not None and lrs != self.captured_lrs:
+            self.graph = None  # re-captured below with the new rate
+        if len(x) != self.batch_size:
+            eager = self.eager if self.graph is None else self.eager_in_graph
+            return eager(x, y)  # a partial batch
+        if self.warmup > 0:
+            self.warmup -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                terms = self.eager(x, y)
+            torch.cuda.current_stream().wait_stream(side)
+            if self.static_x is None:
+                self.static_x, self.static_y = x.clone(), y.clone()
+            return terms
+        self.static_x.copy_(x)
+        self.static_y.copy_(y)
+        if self.graph is None:
+            self.capture()
+            self.captured_lrs = lrs
+        self.graph.replay()
+        return self.static_terms
+
+    def capture(self) -> None:
+        """Record one step on the static buffers (recording runs nothing)."""
+        self.optimizer.zero_grad(set_to_none=True)  # gradients get allocated in the graph
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a DataLoader's pin-memory thread may use CUDA during the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            terms = forward_loss(
+                self.model,
+                self.loss_fn,
+                self.static_x,
+                self.static_y,
+                self.precision,
+                self.channels_last,
+            )
+            terms["loss"].backward()
+            terms["grad_norm"] = grad_norm(self.model)
+            self.optimizer.step()
+        self.static_terms = {k: v.detach() for k, v in terms.items()}
+        self.graph = graph
+        log.info("training step captured in a CUDA graph (batch %s)", tuple(self.static_x.shape))
