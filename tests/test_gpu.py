@@ -54,7 +54,7 @@ def one_run(images, captured: bool, precision: str = "fp32", epochs: int = 1, ga
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma) if gamma else None
     batches = TensorBatches(*images, 64, True, (-1.0, 1.0), torch.Generator().manual_seed(0))
     if captured:
-        step = CapturedStep(model, loss_fn, optimizer, precision, False, batch_size=64)
+        step = CapturedStep(model, loss_fn, optimizer, precision, False, 64, required=True)
     else:
         set_capturable(optimizer, False)
         step = eager_step(model, model, loss_fn, optimizer, precision, False)

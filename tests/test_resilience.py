@@ -375,3 +375,24 @@ def test_a_corrupted_checkpoint_is_detected(tmp_path):
     with pytest.raises(ValueError, match="last.pt is corrupt: its checksum does not match"):
         load_checkpoint(path)
     assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # readable by others (umask)
+
+
+def test_checkpoints_from_before_new_keys_still_resume():
+    """A config saved before data.binarize / KL schedules existed matches today's defaults,
+    but not a run that turns the new options on."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_cfg
+    from vae_exp.checkpoint import config_differences
+
+    current = OmegaConf.to_container(compose_cfg(TINY), resolve=True)
+    old = OmegaConf.to_container(compose_cfg(TINY), resolve=True)
+    del old["data"]["binarize"], old["loss"]["kl_schedule"], old["loss"]["free_bits"]
+    del old["loss"]["capacity"], old["eval"], old["trainer"]["cuda_graph"]
+    assert config_differences(old, current) == []
+    changed = OmegaConf.to_container(
+        compose_cfg([*TINY, "data.binarize=dynamic", "loss/kl_schedule=linear"]), resolve=True
+    )
+    differences = config_differences(old, changed)
+    assert any(d.startswith("data.binarize: '<absent>' -> 'dynamic'") for d in differences)
+    assert any(d.startswith("loss.kl_schedule.kind") for d in differences)

@@ -131,9 +131,22 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+# Keys added after checkpoints already existed, with the value that means "as before": a
+# checkpoint without the key resumes when the key still has that value.
+ADDED_KEYS = {
+    "data.binarize": "none",
+    "loss.kl_schedule.kind": "constant",
+    "loss.free_bits": 0.0,
+    "loss.capacity": None,
+}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys (other than RESUMABLE_CHANGES) whose values differ, as 'key: saved -> current'."""
     a, b = flatten(saved), flatten(current)
+    for key, value in ADDED_KEYS.items():
+        if key not in a and b.get(key) == value:
+            a[key] = value
     return [
         f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
         for k in sorted(set(a) | set(b))

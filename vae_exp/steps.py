@@ -119,13 +119,24 @@ class CapturedStep:
     input buffers. The noise is drawn inside the graph from CUDA's default generator (graph
     replays advance it, so every step gets fresh noise). Adam runs in its capturable form.
     Batches of another shape (the last, partial one) take an eager step. A change of learning
-    rate (a scheduler, once per epoch) re-captures, since the graph holds the rate it saw.
+    rate (a scheduler, once per epoch) re-captures, since the graph holds the rate it saw. If
+    the capture fails, training goes on with eager steps (`required`: the error stops it).
     """
 
     def __init__(
-        self, model, loss_fn, optimizer, precision, channels_last, batch_size: int, warmup: int = 3
+        self,
+        model,
+        loss_fn,
+        optimizer,
+        precision: str,
+        channels_last: bool,
+        batch_size: int,
+        required: bool = False,
+        warmup: int = 3,
     ):
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.required = required  # trainer.cuda_graph=true: a failed capture stops the run
+        self.failed = False  # auto: after a failed capture, every step runs eagerly
         self.batch_size = batch_size  # batches of this size are captured; others run eagerly
         self.precision, self.channels_last = precision, channels_last
         self.eager = eager_step(model, model, loss_fn, optimizer, precision, channels_last)
@@ -144,6 +155,8 @@ class CapturedStep:
         lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
         if self.graph is not None and lrs != self.captured_lrs:
             self.graph = None  # re-captured below with the new rate
+        if self.failed:
+            return self.eager(x, y)
         if len(x) != self.batch_size:
             eager = self.eager if self.graph is None else self.eager_in_graph
             return eager(x, y)  # a partial batch
@@ -160,7 +173,14 @@ class CapturedStep:
         self.static_x.copy_(x)
         self.static_y.copy_(y)
         if self.graph is None:
-            self.capture()
+            try:
+                self.capture()
+            except RuntimeError as e:
+                if self.required:
+                    raise
+                self.failed = True
+                log.warning("CUDA graph capture failed (%s); eager steps from here on", e)
+                return self.eager(x, y)
             self.captured_lrs = lrs
         self.graph.replay()
         return self.static_terms

@@ -388,7 +388,13 @@ def make_step(
     set_capturable(optimizer, captured)
     if captured:
         return CapturedStep(
-            model, loss_fn, optimizer, trainer.precision, trainer.channels_last, batch_size
+            model,
+            loss_fn,
+            optimizer,
+            trainer.precision,
+            trainer.channels_last,
+            batch_size,
+            required=trainer.cuda_graph is True,
         )
     net = model
     if trainer.compile:
