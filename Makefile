@@ -2,7 +2,7 @@
 PYTHON ?= python
 ARGS ?=
 
-.PHONY: help install data train sweep test test-all lint format clean
+.PHONY: help install data train sweep evaluate benchmark results test test-all lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -18,6 +18,15 @@ train:  ## train the reference experiment (extra overrides: make train ARGS="los
 
 sweep:  ## example sweep: latent_dim x w, 4 jobs under multirun/
 	$(PYTHON) -m vae_exp --multirun model.latent_dim=16,32 loss.w=1e-4,1e-3 $(ARGS)
+
+evaluate:  ## evaluate a run on the test split (make evaluate RUN=outputs/<date>/<time> ARGS="--k 5000")
+	$(PYTHON) -m vae_exp.evaluate $(RUN) $(ARGS)
+
+benchmark:  ## seconds per epoch: the original loop vs vae_exp's (ARGS="--device cuda")
+	$(PYTHON) benchmarks/epoch_time.py $(ARGS)
+
+results:  ## the README's results table: the model zoo on Fashion-MNIST (CPU, ~25 min)
+	bash benchmarks/zoo_fashion_cpu.sh
 
 test:  ## the default test suite (fast; excludes tests marked slow)
 	$(PYTHON) -m pytest
