@@ -35,6 +35,15 @@ CASES = [
     (["trainer.device=tpu"], ["trainer.device='tpu'", "auto | cpu | cuda"]),
     (["trainer.precision=fp16"], ["trainer.precision='fp16'", "fp32 | bf16"]),
     (["data=folder", "data.root=/nonexistent/images"], ["/nonexistent/images is not a directory"]),
+    (["trainer.compile=yes"], ["trainer.compile='yes'", "false | default | reduce-overhead"]),
+    (["trainer.cuda_graph=maybe"], ["trainer.cuda_graph='maybe'", "auto | true | false"]),
+    (["data.binarize=maybe"], ["data.binarize='maybe'", "none | dynamic | static"]),
+    (["loss/kl_schedule=linear", "loss.kl_schedule.warmup_steps=0"], ["warmup_steps=0"]),
+    (["loss.free_bits=-1"], ["loss.free_bits=-1", "a number >= 0"]),
+    (["loss=iwae", "loss.k=0"], ["loss.k=0", "an integer >= 1"]),
+    (["eval.k=0"], ["eval.k=0", "an integer >= 1"]),
+    (["+eval.samples=5"], ["unknown key eval.samples", "chunk"]),
+    (["model=conditional_conv_vae", "model.num_classes=0"], ["model.num_classes=0", ">= 1"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(
