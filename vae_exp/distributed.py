@@ -60,6 +60,13 @@ class Cluster:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def share_buffers(self, model: torch.nn.Module) -> None:
+        """Give every process rank 0's buffers (BatchNorm statistics), so that validation in
+        every process uses the model rank 0 checkpoints."""
+        if self.distributed:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
     def broadcast(self, value):
         """Rank 0's `value`, in every process (any picklable object)."""
         if not self.distributed:

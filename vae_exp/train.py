@@ -592,6 +592,7 @@ def _run(
                     signal_number,
                 )
             train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
+            cluster.share_buffers(model)
             val_terms = validate(
                 model,
                 loss_fn,
