@@ -5,6 +5,7 @@ graph path needs a GPU (benchmarks/gpu_check.py checks it there)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -135,3 +136,59 @@ def test_torchrun_two_processes_ddp(mnist_root, tmp_path):
     data = build_data(cfg.data, loss_fn.pixel_range, torch.device("cpu"), 0)
     val = validate(model, loss_fn, data.val, 0)
     assert val["loss"] == pytest.approx(metrics[-1]["val/loss"], rel=0.01)
+
+
+def torchrun(args: list[str], cwd, log_path, **popen) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    log = open(log_path, "w")  # noqa: SIM115 (closed by the caller's process lifetime)
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vae_exp"]
+        + args,
+        cwd=cwd,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
+
+
+def test_sigterm_to_torchrun_stops_every_process_together(mnist_root, tmp_path):
+    """SIGTERM to torchrun mid-epoch (it forwards it to both processes): they agree at the
+    next log point, rank 0 checkpoints that step, nothing hangs; a torchrun resume finishes."""
+    import re
+    import time
+
+    from vae_exp.checkpoint import load_checkpoint
+
+    args = [a for a in TINY if not a.startswith(("data.limit", "trainer."))] + [
+        "data.limit=2048",
+        "data.batch_size=4",  # 1024 images per process: 256 steps an epoch
+        "trainer.epochs=2",
+        "trainer.log_every=1",
+        "logger=none",
+        "eval.enabled=false",
+    ]
+    run_dir = tmp_path / "run"
+    log_path = tmp_path / "stopped.log"
+    proc = torchrun([*args, f"hydra.run.dir={run_dir}"], tmp_path, log_path)
+    deadline = time.time() + 240
+    while not re.search(r"Epoch 2/2: +\d+%\|[^\n\r]*\| [1-9]\d*/256", log_path.read_text()):
+        assert time.time() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)  # no deadlock
+    output = log_path.read_text()
+    assert "Stopped by SIGTERM in epoch 2" in output, output[-3000:]
+    position = load_checkpoint(run_dir / "checkpoints" / "last.pt")["position"]
+    assert position["epoch"] == 1 and 0 < position["batches_done"] < 256
+    assert position["step"] == 256 + position["batches_done"]
+
+    resumed = torchrun(
+        [*args, f"trainer.resume={run_dir}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        tmp_path,
+        tmp_path / "resumed.log",
+    )
+    assert resumed.wait(timeout=240) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    metrics = read_metrics(tmp_path / "resumed")
+    assert [m["epoch"] for m in metrics] == [1, 2] and metrics[-1]["step"] == 512
