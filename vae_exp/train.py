@@ -168,11 +168,14 @@ def train_epoch(
     cluster = cluster or Cluster()
     model.train()
     device = next(model.parameters()).device
-    sums = {k: torch.tensor(v, device=device) for k, v in pos.sums.items()}
-    window: dict[str, torch.Tensor] = {}
+    # The terms as one vector each step (a few kernel launches, not a few per term), summed
+    # over the epoch and over the current log window, in the fixed order of `names`.
+    names = list(pos.sums)
+    sums = torch.tensor([pos.sums[k] for k in names], device=device) if names else None
+    window = None
     window_steps = 0
     first_bad = torch.tensor(-1, device=device)  # global step of the first non-finite step
-    bad_terms: dict[str, torch.Tensor] = {}
+    bad = None  # the terms of that step
     stopping = False
     for x, y in batches.iterate(start=pos.batches_done):
         loss_fn.at_step(pos.step)  # KL schedules follow the optimizer step
@@ -186,13 +189,13 @@ def train_epoch(
             pos.step += 1
             pos.epoch_steps += 1
             window_steps += 1
-            finite = torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])
-            newly_bad = ~finite & (first_bad < 0)
+            names = names or list(terms)
+            vec = torch.stack([terms[k] for k in names])  # new memory: graphs reuse outputs
+            newly_bad = ~torch.isfinite(vec).all() & (first_bad < 0)
             first_bad = torch.where(newly_bad, pos.step, first_bad)
-            for k, v in terms.items():  # new tensors: a CUDA graph reuses its outputs
-                sums[k] = sums[k] + v if k in sums else v.clone()
-                window[k] = window[k] + v if k in window else v.clone()
-                bad_terms[k] = torch.where(newly_bad, v, bad_terms.get(k, v))
+            bad = vec if bad is None else torch.where(newly_bad, vec, bad)
+            sums = vec if sums is None else sums + vec
+            window = vec if window is None else window + vec
         last = pos.batches_done == len(batches)
         at_log_point = window_steps == trainer.log_every or last
         if cluster.distributed:  # processes stop together, deciding at the log points
@@ -201,20 +204,18 @@ def train_epoch(
             stopping = stop.signal_name is not None
         if window_steps and (at_log_point or stopping):
             if first_bad.item() >= 0:
+                bad_terms = dict(zip(names, bad))
                 raise NonFiniteLoss(nonfinite_message(first_bad.item(), bad_terms, trainer))
-            names = list(window)
-            means = cluster.sum_(torch.stack([window[k] for k in names])) / cluster.world_size
-            means = dict(zip(names, (means / window_steps).tolist()))
-            progress.set_postfix(loss=f"{sums['loss'].item() / pos.epoch_steps:.4f}")
-            tracker.log_step(pos.step, {f"train/{k}": v for k, v in means.items()})
-            window, window_steps = {}, 0
+            means = cluster.sum_(window.clone()) / (cluster.world_size * window_steps)
+            loss_so_far = sums[names.index("loss")].item() / pos.epoch_steps
+            progress.set_postfix(loss=f"{loss_so_far:.4f}")
+            tracker.log_step(pos.step, {f"train/{k}": v for k, v in zip(names, means.tolist())})
+            window, window_steps = None, 0
         if stopping:
             break
-    if sums and cluster.distributed:  # the epoch's sums: the mean over processes
-        names = list(sums)
-        total = cluster.sum_(torch.stack([sums[k] for k in names])) / cluster.world_size
-        sums = dict(zip(names, total))
-    pos.sums = {k: float(v) for k, v in sums.items()}
+    if sums is not None and cluster.distributed:  # the epoch's sums: the mean over processes
+        sums = cluster.sum_(sums.clone()) / cluster.world_size
+    pos.sums = dict(zip(names, sums.tolist())) if sums is not None else {}
 
 
 def careful_step(model, loss_fn, optimizer, x, y, pos: Position, trainer: TrainerConfig):
