@@ -494,47 +494,11 @@ def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed
     `cfg.binarize` (see the module's notes): `static` draws the training split once here, from
     `seed`; `dynamic` draws it anew each pass from the shuffle generator (seeded by `seed`);
     with either, the validation split is drawn once here with a fixed seed."""
-    root = Path(str(cfg.root)).expanduser()
-    resident = cfg.device_resident if cfg.device_resident != "auto" else cfg.name != "folder"
-    if resident and cfg.num_workers > 0:
+    if is_resident(cfg) and cfg.num_workers > 0:
         log.info("data.num_workers=%d is unused: the data is device-resident", cfg.num_workers)
     shuffle_gen = torch.Generator().manual_seed(seed)
-    splits: dict[str, Batches] = {}
-    for role, split in (("train", cfg.train_split), ("val", cfg.val_split)):
-        dataset = load_split(cfg, root, split)
-        shuffle = role == "train"
-        mode = cfg.binarize if role == "train" or cfg.binarize == "none" else "static"
-        if mode == "static":
-            split_seed = static_seed(role, seed)
-            if isinstance(dataset, TensorDataset):
-                images, labels = dataset.tensors
-                dataset = TensorDataset(binarize_each(images, split_seed), labels)
-            else:
-                dataset = BinarizedImages(dataset, split_seed)
-        if resident:
-            if not isinstance(dataset, TensorDataset):
-                dataset = TensorDataset(*default_collate(list(dataset)))
-            images, labels = dataset.tensors
-            splits[role] = TensorBatches(
-                images.to(device),
-                labels.to(device),
-                cfg.batch_size,
-                shuffle,
-                pixel_range,
-                shuffle_gen,
-                dynamic_binarize=mode == "dynamic",
-            )
-        else:
-            splits[role] = LoaderBatches(
-                dataset,
-                cfg.batch_size,
-                shuffle,
-                cfg.num_workers,
-                device,
-                pixel_range,
-                shuffle_gen,
-                dynamic_binarize=mode == "dynamic",
-            )
+    train = split_batches(cfg, "train", cfg.train_split, pixel_range, device, seed, shuffle_gen)
+    val = split_batches(cfg, "val", cfg.val_split, pixel_range, device, seed, shuffle_gen)
     if cfg.binarize != "none":
         log.info(
             "data.binarize=%s: training images are drawn %s; validation images once, with a "
@@ -542,7 +506,58 @@ def build_data(cfg, pixel_range: tuple[float, float], device: torch.device, seed
             cfg.binarize,
             "anew each epoch" if cfg.binarize == "dynamic" else f"once (trainer.seed={seed})",
         )
-    return Data(train=splits["train"], val=splits["val"])
+    return Data(train=train, val=val)
+
+
+def is_resident(cfg) -> bool:
+    """Whether splits are held on the device (data.device_resident; auto: all but folder)."""
+    return cfg.device_resident if cfg.device_resident != "auto" else cfg.name != "folder"
+
+
+def split_batches(
+    cfg,
+    role: str,
+    split: str,
+    pixel_range: tuple[float, float],
+    device: torch.device,
+    seed: int,
+    generator: torch.Generator | None = None,
+) -> Batches:
+    """The batches of one split in a `role`: "train" (shuffled by `generator`; binarized as
+    data.binarize says) or "val" (in order; a binarized split is one fixed draw)."""
+    dataset = load_split(cfg, Path(str(cfg.root)).expanduser(), split)
+    shuffle = role == "train"
+    mode = cfg.binarize if role == "train" or cfg.binarize == "none" else "static"
+    if mode == "static":
+        split_seed = static_seed(role, seed)
+        if isinstance(dataset, TensorDataset):
+            images, labels = dataset.tensors
+            dataset = TensorDataset(binarize_each(images, split_seed), labels)
+        else:
+            dataset = BinarizedImages(dataset, split_seed)
+    if is_resident(cfg):
+        if not isinstance(dataset, TensorDataset):
+            dataset = TensorDataset(*default_collate(list(dataset)))
+        images, labels = dataset.tensors
+        return TensorBatches(
+            images.to(device),
+            labels.to(device),
+            cfg.batch_size,
+            shuffle,
+            pixel_range,
+            generator,
+            dynamic_binarize=mode == "dynamic",
+        )
+    return LoaderBatches(
+        dataset,
+        cfg.batch_size,
+        shuffle,
+        cfg.num_workers,
+        device,
+        pixel_range,
+        generator,
+        dynamic_binarize=mode == "dynamic",
+    )
 
 
 def load_split(cfg, root: Path, split: str) -> TensorDataset | ImageFiles:

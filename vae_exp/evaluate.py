@@ -33,7 +33,7 @@ from PIL import Image
 
 from vae_exp.checkpoint import CheckpointError, load_checkpoint
 from vae_exp.config import ConfigError, instantiate_checked, read_data
-from vae_exp.data import Batches, build_data
+from vae_exp.data import Batches, split_batches
 from vae_exp.likelihood import (
     active_units,
     elbo_parts,
@@ -254,14 +254,9 @@ def eval_batches(cfg: DictConfig, settings: EvalConfig, pixel_range, device) -> 
     """The evaluation split, prepared as validation data is (binarized data: a fixed draw)."""
     data_cfg = read_data(cfg.data)
     data_cfg = dataclasses.replace(
-        data_cfg,
-        train_split=settings.split,
-        val_split=settings.split,
-        limit=settings.limit,
-        batch_size=settings.batch_size,
-        download=False,
+        data_cfg, limit=settings.limit, batch_size=settings.batch_size, download=False
     )
-    return build_data(data_cfg, pixel_range, device, seed=0).val
+    return split_batches(data_cfg, "val", settings.split, pixel_range, device, seed=0)
 
 
 def run_evaluation(
