@@ -84,6 +84,20 @@ class LoggerConfig:
     init_timeout: float = 60.0
 
 
+@dataclasses.dataclass
+class EvalConfig:
+    """The `eval` section: the evaluation on the test split (vae_exp.evaluate)."""
+
+    enabled: bool = True  # evaluate the final model when training ends
+    k: int = 1000  # importance samples per image for log p(x)
+    chunk: int = 100  # samples decoded at once per image (memory: chunk x batch images)
+    split: str = "test"
+    limit: int | None = None  # first N images of the split (null: all)
+    batch_size: int = 64
+    sigma: float | str = "implied"  # Gaussian decoder std for mse_kld: implied | a number
+    seed: int = 0
+
+
 def one_line(error: BaseException) -> str:
     """An exception as one line (torchvision's download errors span many)."""
     return " ".join(f"{type(error).__name__}: {error}".split())
@@ -238,6 +252,30 @@ def read_trainer(section: Mapping) -> TrainerConfig:
     _check_bools(t, "trainer", ("progress", "channels_last"))
     _check_bools(t.checkpoint, "trainer.checkpoint", ("save_last", "save_best"))
     return t
+
+
+def read_eval(section: Mapping | None) -> EvalConfig:
+    """The `eval` section, checked; missing keys (an older run's config) take the defaults."""
+    from vae_exp.data import SPLITS
+
+    e = _read(EvalConfig, section if section is not None else {}, "eval")
+    _check_bools(e, "eval", ("enabled",))
+    _check_ints(e, "eval", {"k": 1, "chunk": 1, "batch_size": 1})
+    _check(e.split in SPLITS, "eval.split", e.split, " | ".join(SPLITS))
+    _check(
+        e.limit is None or (_is_int(e.limit) and e.limit >= 1),
+        "eval.limit",
+        e.limit,
+        "null (all images) or an integer >= 1",
+    )
+    _check(
+        e.sigma == "implied" or (_is_number(e.sigma) and e.sigma > 0),
+        "eval.sigma",
+        e.sigma,
+        "implied | a number > 0 (the Gaussian decoder's std)",
+    )
+    _check(_is_int(e.seed), "eval.seed", e.seed, "an integer")
+    return e
 
 
 LOGGERS = ("wandb", "none")

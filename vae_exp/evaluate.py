@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from vae_exp.checkpoint import CheckpointError, load_checkpoint
-from vae_exp.config import ConfigError, instantiate_checked, read_data
+from vae_exp.config import ConfigError, EvalConfig, instantiate_checked, read_data, read_eval
 from vae_exp.data import Batches, split_batches
 from vae_exp.likelihood import (
     active_units,
@@ -46,54 +46,6 @@ from vae_exp.models import VAE
 from vae_exp.tracking import image_grid
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    """The `eval` section of the config (and the CLI's options)."""
-
-    enabled: bool = True  # evaluate the final model when training ends
-    k: int = 1000  # importance samples per image for log p(x)
-    chunk: int = 100  # samples decoded at once per image (memory: chunk x batch images)
-    split: str = "test"
-    limit: int | None = None  # first N images of the split (null: all)
-    batch_size: int = 64
-    sigma: float | str = "implied"  # Gaussian decoder std for mse_kld: implied | a number
-    seed: int = 0
-
-
-def read_eval(section: Any) -> EvalConfig:
-    """The `eval` config section, checked (missing keys take their defaults)."""
-    values = OmegaConf.to_container(section, resolve=True) if section is not None else {}
-    fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(
-            f"Invalid config: unknown key eval.{unknown[0]}; the keys of eval are "
-            f"{', '.join(sorted(fields))}."
-        )
-    e = EvalConfig(**values)
-
-    def bad(key: str, allowed: str) -> ConfigError:
-        return ConfigError(f"Invalid config: eval.{key}={getattr(e, key)!r}; allowed: {allowed}.")
-
-    def count(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    if not isinstance(e.enabled, bool):
-        raise bad("enabled", "true | false")
-    for key in ("k", "chunk", "batch_size"):
-        if not count(getattr(e, key)):
-            raise bad(key, "an integer >= 1")
-    if e.split not in ("train", "test"):
-        raise bad("split", "train | test")
-    if e.limit is not None and not count(e.limit):
-        raise bad("limit", "null (all images) or an integer >= 1")
-    if e.sigma != "implied" and not (
-        isinstance(e.sigma, int | float) and not isinstance(e.sigma, bool) and e.sigma > 0
-    ):
-        raise bad("sigma", "implied | a number > 0 (the Gaussian decoder's std)")
-    return e
 
 
 def decoder_sigma(loss_fn: VAELoss, setting: float | str, pixels: int) -> tuple[float | None, str]:
