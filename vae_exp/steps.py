@@ -45,6 +45,17 @@ def forward_loss(
     return loss_fn(out.float(), x)
 
 
+def loss_and_gradients(
+    net, model, loss_fn, x: Tensor, y: Tensor | None, precision: str, channels_last: bool
+) -> Terms:
+    """Forward, backward and the gradient norm of one batch (no optimizer step): the loss
+    terms, detached, with `grad_norm`. `net` is the model or its DDP wrapper."""
+    terms = forward_loss(net, loss_fn, x, y, precision, channels_last)
+    terms["loss"].backward()
+    terms["grad_norm"] = grad_norm(model)
+    return {k: v.detach() for k, v in terms.items()}
+
+
 def eager_step(
     net, model, loss_fn, optimizer, precision: str, channels_last: bool, keep_grads: bool = False
 ) -> Step:
@@ -53,11 +64,9 @@ def eager_step(
 
     def step(x: Tensor, y: Tensor) -> Terms:
         optimizer.zero_grad(set_to_none=not keep_grads)
-        terms = forward_loss(net, loss_fn, x, y, precision, channels_last)
-        terms["loss"].backward()
-        terms["grad_norm"] = grad_norm(model)
+        terms = loss_and_gradients(net, model, loss_fn, x, y, precision, channels_last)
         optimizer.step()
-        return {k: v.detach() for k, v in terms.items()}
+        return terms
 
     return step
 
@@ -191,7 +200,8 @@ class CapturedStep:
         graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may use CUDA during the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            terms = forward_loss(
+            self.static_terms = loss_and_gradients(
+                self.model,
                 self.model,
                 self.loss_fn,
                 self.static_x,
@@ -199,9 +209,6 @@ class CapturedStep:
                 self.precision,
                 self.channels_last,
             )
-            terms["loss"].backward()
-            terms["grad_norm"] = grad_norm(self.model)
             self.optimizer.step()
-        self.static_terms = {k: v.detach() for k, v in terms.items()}
         self.graph = graph
         log.info("training step captured in a CUDA graph (batch %s)", tuple(self.static_x.shape))

@@ -45,7 +45,7 @@ from vae_exp.steps import (
     Step,
     eager_step,
     forward_loss,
-    grad_norm,
+    loss_and_gradients,
     set_capturable,
     use_cuda_graph,
 )
@@ -224,10 +224,9 @@ def careful_step(model, loss_fn, optimizer, x, y, pos: Position, trainer: Traine
     trainer.skip_nonfinite times. Returns the terms, or None when the step was skipped."""
     saved_buffers = [b.clone() for b in model.buffers()]
     optimizer.zero_grad(set_to_none=True)
-    terms = forward_loss(model, loss_fn, x, y, trainer.precision, trainer.channels_last)
-    terms["loss"].backward()
-    terms["grad_norm"] = grad_norm(model)
-    terms = {k: v.detach() for k, v in terms.items()}
+    terms = loss_and_gradients(
+        model, model, loss_fn, x, y, trainer.precision, trainer.channels_last
+    )
     if (torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])).item():
         optimizer.step()
         return terms
