@@ -36,14 +36,26 @@ def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=overrides or [], return_hydra_config=False)
 
 
-def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
-    """Run `python -m vae_exp ARGS` in a subprocess from `cwd`; returns the CompletedProcess."""
+def cli_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for a CLI subprocess: this checkout on the path, no W&B settings of
+    the caller's (plus `env`)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    full_env.update({"PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(env or {})})
+    return {**full_env, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true", **(env or {})}
+
+
+def run_cli(
+    args: list[str],
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    timeout: int = 300,
+    module: str = "vae_exp",
+):
+    """Run `python -m MODULE ARGS` (default: vae_exp) in a subprocess from `cwd`; returns the
+    CompletedProcess."""
     return subprocess.run(
-        [sys.executable, "-m", "vae_exp", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
-        env=full_env,
+        env=cli_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,

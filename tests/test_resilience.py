@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests import wandb_records
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, cli_env, run_cli
 from vae_exp.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 
 LONG = [  # 512 steps an epoch (about 2 s): room to signal a run in the middle of an epoch;
@@ -168,7 +168,7 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**run_env(), "WANDB_MODE": "offline"},
+            env=cli_env({"WANDB_MODE": "offline"}),
         )
         # wait for the progress bar to show epoch 2 under way, then signal
         deadline = time.time() + 300
@@ -202,11 +202,6 @@ def test_a_signal_mid_epoch_checkpoints_the_step_and_resume_loses_nothing(
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     same_losses(metrics(tmp_path / "full"), metrics(tmp_path / "resumed"))
     assert wandb_run(tmp_path / "resumed")[0] == run_id
-
-
-def run_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, "PYTHONPATH": str(REPO), "WANDB_SILENT": "true"}
 
 
 def test_an_exploding_learning_rate_stops_with_the_step_and_keeps_the_good_checkpoint(
@@ -324,7 +319,7 @@ def test_preempted_submitit_job_is_requeued_and_resumes(mnist_root, tmp_path):
             cwd=tmp_path,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=run_env(),
+            env=cli_env(),
         )
         job_log = sweep / "0" / "vae_exp.log"
 

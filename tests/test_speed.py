@@ -4,7 +4,6 @@ graph path needs a GPU (benchmarks/gpu_check.py checks it there)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from tests import wandb_records
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, cli_env, run_cli
 from tests.test_cli import read_metrics
 from vae_exp.data import TensorBatches
 
@@ -90,9 +89,7 @@ def test_shards_split_every_pass_evenly():
 def test_torchrun_two_processes_ddp(mnist_root, tmp_path):
     """`torchrun --nproc_per_node=2 -m vae_exp`: gloo on CPU; each process trains on half of
     every epoch; metrics are all-reduced; only rank 0 writes files and logs to W&B."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update({"PYTHONPATH": str(REPO), "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
-    env.update({"OMP_NUM_THREADS": "1"})
+    env = cli_env({"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"})
     args = [*TINY, "trainer.log_every=1"]
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vae_exp"]
@@ -139,8 +136,7 @@ def test_torchrun_two_processes_ddp(mnist_root, tmp_path):
 
 
 def torchrun(args: list[str], cwd, log_path, **popen) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    env = cli_env({"OMP_NUM_THREADS": "1"})
     log = open(log_path, "w")  # noqa: SIM115 (closed by the caller's process lifetime)
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vae_exp"]

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO, TINY, run_cli
+from tests.conftest import TINY, run_cli
 from tests.test_cli import read_metrics
 
 BASE = [a for a in TINY if not a.startswith("model.")]
@@ -90,15 +88,7 @@ def test_variant_trains_and_is_evaluated(name, mnist_root, tmp_path):
 
 
 def evaluate_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "vae_exp.evaluate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_cli(args, cwd, module="vae_exp.evaluate")
 
 
 def test_evaluate_cli_reproduces_the_final_evaluation(mnist_root, tmp_path):
