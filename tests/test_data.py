@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,27 +125,38 @@ def test_batches_cover_every_image_once_reshuffled_each_epoch():
     assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)
 
 
-def test_device_resident_and_dataloader_paths_give_the_same_batches(mnist_root, tmp_path):
-    from tests.conftest import compose_cfg
-    from vae_exp.config import read_data
-    from vae_exp.data import LoaderBatches, build_data
-
+def write_mnist_folder(mnist_root: Path, folder: Path) -> None:
+    """60 real MNIST digits as PNGs in class subfolders of `folder`."""
     images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
-    write_pngs(tmp_path, images[:60], labels[:60])
+    write_pngs(folder, images[:60], labels[:60])
+
+
+def folder_data(folder: Path, *overrides: str):
+    """Both splits of data=folder at `folder` (32 px grey, batches of 8, no workers), in
+    [-1, 1] on the CPU."""
+    from vae_exp.data import build_data
+
+    cfg = compose_cfg(
+        [
+            "data=folder",
+            f"data.root={folder}",
+            "data.channels=1",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            *overrides,
+        ]
+    )
+    return build_data(read_data(cfg.data), (-1.0, 1.0), torch.device("cpu"), seed=0)
+
+
+def test_device_resident_and_dataloader_paths_give_the_same_batches(mnist_root, tmp_path):
+    from vae_exp.data import LoaderBatches
+
+    write_mnist_folder(mnist_root, tmp_path)
     batches = {}
     for resident in (True, False):
-        cfg = compose_cfg(
-            [
-                "data=folder",
-                f"data.root={tmp_path}",
-                "data.channels=1",
-                "data.image_size=32",
-                "data.batch_size=8",
-                "data.num_workers=0",
-                f"data.device_resident={resident}",
-            ]
-        )
-        data = build_data(read_data(cfg.data), (-1.0, 1.0), torch.device("cpu"), seed=0)
+        data = folder_data(tmp_path, f"data.device_resident={resident}")
         assert isinstance(data.train, LoaderBatches) != resident
         assert data.train.num_examples == 57 and data.val.num_examples == 3  # every 20th
         batches[resident] = [x for x, _ in data.val]
@@ -317,23 +329,10 @@ def test_dynamic_binarization_is_new_each_pass_and_replays_from_any_batch(mnist_
 
 
 def test_dynamic_binarization_replays_on_the_dataloader_path(mnist_root, tmp_path):
-    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
-    write_pngs(tmp_path, images[:60], labels[:60])
+    write_mnist_folder(mnist_root, tmp_path)
     passes = {}
     for resident in (True, False):
-        cfg = compose_cfg(
-            [
-                "data=folder",
-                f"data.root={tmp_path}",
-                "data.channels=1",
-                "data.image_size=32",
-                "data.batch_size=8",
-                "data.num_workers=0",
-                f"data.device_resident={resident}",
-                "data.binarize=dynamic",
-            ]
-        )
-        data = build_data(read_data(cfg.data), (-1.0, 1.0), torch.device("cpu"), seed=0)
+        data = folder_data(tmp_path, f"data.device_resident={resident}", "data.binarize=dynamic")
         state = data.train.generator.get_state()
         full = [x for x, _ in data.train]
         data.train.generator.set_state(state)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from vae_exp.config import CheckpointConfig, TrainerConfig
 from vae_exp.data import TensorBatches, load_idx_split, prepare_images
 from vae_exp.losses import MSEKLD
 from vae_exp.models import ConvVAE
@@ -19,24 +18,6 @@ from vae_exp.steps import CapturedStep, eager_step, set_capturable
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 FASHION = Path(os.environ.get("VAE_EXP_FASHION_DIR", "/usr/share/datasets/fashion-mnist"))
-
-
-def trainer(**changes) -> TrainerConfig:
-    settings = dict(
-        epochs=1,
-        device="cuda",
-        seed=0,
-        log_every=50,
-        progress=False,
-        sample_grid=5,
-        num_reconstructions=8,
-        resume=None,
-        skip_nonfinite=0,
-        precision="fp32",
-        channels_last=False,
-        checkpoint=CheckpointConfig(save_last=False, save_best=False),
-    )
-    return TrainerConfig(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")

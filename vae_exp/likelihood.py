@@ -39,6 +39,11 @@ def log_normal_diag(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
     return -0.5 * (_LOG_2PI + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(dim=-1)
 
 
+def _check_count(value: object, name: str, meaning: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}; allowed: an integer >= 1 ({meaning})")
+
+
 def _check_likelihood(likelihood: str, sigma: float | None) -> None:
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood={likelihood!r}; allowed: {' | '.join(LIKELIHOODS)}")
@@ -100,8 +105,7 @@ def log_importance_weights(
     sample-major, labels `y.repeat(k)` to match, as in `VAE.forward`). Differentiable with
     respect to the model's parameters (for an IWAE loss); wrap in no_grad to evaluate."""
     _check_likelihood(likelihood, sigma)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r}; allowed: an integer >= 1 (the number of samples)")
+    _check_count(k, "k", "the number of samples")
     posterior = model.encode(x, y)
     mu, log_var = _at_least_fp32(posterior.mu), _at_least_fp32(posterior.log_var)
     batch = mu.shape[0]
@@ -131,10 +135,8 @@ def importance_sampled_log_likelihood(
     decoded at once. Each chunk is reduced to its logsumexp and those are combined by a
     logsumexp, so log weights of any magnitude (e.g. -1e4) stay finite. Its expectation is a
     lower bound on log p(x) that rises with k (k = 1: the ELBO). Same dtype as the log weights."""
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk={chunk!r}; allowed: an integer >= 1 (samples per decode)")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k={k!r}; allowed: an integer >= 1 (the number of samples)")
+    _check_count(chunk, "chunk", "samples per decode")
+    _check_count(k, "k", "the number of samples")
     sizes = [chunk] * (k // chunk) + ([k % chunk] if k % chunk else [])
     chunk_lse = [
         torch.logsumexp(log_importance_weights(model, x, y, n, likelihood, sigma, generator), 0)
