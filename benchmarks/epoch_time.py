@@ -5,6 +5,7 @@ in one process, on the same data, model and batch size.
     python benchmarks/epoch_time.py --device cuda                    # CUDA graph (auto)
     python benchmarks/epoch_time.py --device cuda --batch-size 1024
     python benchmarks/epoch_time.py --device cuda --cuda-graph false --compile reduce-overhead
+    python benchmarks/epoch_time.py --device cpu --precision bf16 --channels-last --fused
 
 The seed loop is re-implemented from the seed's script: a Dataset of PIL images with
 transforms Resize / ToTensor / Normalize, a shuffling DataLoader with min(8, CPU count)
@@ -104,6 +105,9 @@ def main() -> None:
         choices=["false", "default", "reduce-overhead", "max-autotune"],
         help="vae_exp's loop",
     )
+    parser.add_argument(
+        "--fused", action="store_true", help="vae_exp's loop: fused Adam (optim.optimizer.fused)"
+    )
     parser.add_argument("--skip-seed", action="store_true", help="time vae_exp's loop only")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -114,10 +118,10 @@ def main() -> None:
     workers = min(8, os.cpu_count() or 1)
     loss_fn = MSEKLD()
 
-    def fresh():
+    def fresh(fused: bool | None = None):
         torch.manual_seed(0)
         model = ConvVAE(1, 32).to(device)
-        return model, torch.optim.Adam(model.parameters(), lr=5e-4)
+        return model, torch.optim.Adam(model.parameters(), lr=5e-4, fused=fused)
 
     # The seed's loop.
     model, optimizer = fresh()
@@ -132,7 +136,7 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
     # vae_exp's trainer on device-resident data.
-    model, optimizer = fresh()
+    model, optimizer = fresh(fused=True if args.fused else None)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     start = time.perf_counter()
@@ -185,6 +189,7 @@ def main() -> None:
     how = [args.precision, "CUDA graph" if captured else "eager"]
     how += [f"compile {args.compile}"] if args.compile != "false" else []
     how += ["channels_last"] if args.channels_last else []
+    how += ["fused Adam"] if args.fused else []
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln), "unknown CPU")

@@ -22,3 +22,6 @@ start=$(date +%s.%N)
 python3 -m vae_exp data=fashion_mnist data.root=.gpu_data trainer.epochs=100 logger=none \
   trainer.progress=false eval.enabled=false hydra.run.dir=/tmp/ref100 2>&1 | grep -E "step:|epoch 100/" 
 echo "100 epochs wall: $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f} s')")"
+python3 -c "import json; m = [json.loads(l) for l in open('/tmp/ref100/metrics.jsonl')]; \
+e = [r for r in m if 'epoch' in r][-1]; print('epoch', e['epoch'], 'val loss', e['val/loss'], \
+'peak GPU memory', round(e.get('gpu_peak_mib', -1)), 'MiB')"

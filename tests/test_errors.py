@@ -14,6 +14,7 @@ CASES = [
     (["data.image_size=30"], ["data.image_size=30", "2**len(model.hidden_dims)"]),
     (["loss.w=-0.1"], ["loss.w", ">= 0"]),
     (["optim.optimizer.lr=-1e-3"], ["optim.optimizer.lr", "a number > 0"]),
+    (["optim.optimizer.fused=maybe"], ["optim.optimizer.fused='maybe'", "true | false | null"]),
     (["trainer.epochs=0"], ["trainer.epochs", "an integer >= 1"]),
     (["+trainer.epoch=3"], ["unknown key trainer.epoch", "epochs"]),
     (["trainer.epoch=3"], ["Could not override 'trainer.epoch'"]),

@@ -1,6 +1,6 @@
 """The fast paths train the same model as the plain one, and multi-process training (DDP) works:
-bf16 + channels_last and torch.compile on this CPU, DDP with 2 processes and gloo. The CUDA
-graph path needs a GPU (benchmarks/gpu_check.py checks it there)."""
+bf16 + channels_last, torch.compile and fused Adam on this CPU, DDP with 2 processes and gloo.
+The CUDA graph path needs a GPU (tests/test_gpu.py, run there by benchmarks/gpu_check.sh)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ def plain_run(mnist_root, tmp_path_factory) -> list[dict]:
     [
         ["trainer.precision=bf16", "trainer.channels_last=true"],
         ["trainer.compile=default"],  # inductor on CPU: compiling takes about a minute here
+        ["optim.optimizer.fused=true"],
     ],
-    ids=["bf16-channels_last", "compile"],
+    ids=["bf16-channels_last", "compile", "fused-adam"],
 )
 def test_fast_path_trains_the_same_model(extra, plain_run, tmp_path):
     """Same seed, same data: losses within 2% of the plain path's after every epoch."""
@@ -47,6 +48,10 @@ def test_fast_path_trains_the_same_model(extra, plain_run, tmp_path):
     assert fast[-1]["train/loss"] < fast[0]["train/loss"]
     output = result.stdout + result.stderr
     assert ("torch.compile(default)" in output) == ("trainer.compile=default" in extra)
+    fused = "optim.optimizer.fused=true" in extra
+    assert ("fused Adam" in output) == fused
+    saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["optimizer"]["param_groups"][0]["fused"] is (True if fused else None)
 
 
 def test_cuda_graph_required_without_cuda_is_a_config_error(tmp_path):

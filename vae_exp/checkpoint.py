@@ -114,6 +114,7 @@ RESUMABLE_CHANGES = (
     "trainer.channels_last",
     "trainer.cuda_graph",
     "trainer.compile",
+    "optim.optimizer.fused",
     "data.root",
     "data.num_workers",
     "logger.",

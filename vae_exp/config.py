@@ -355,7 +355,8 @@ OPTIM_KEYS = ("optimizer", "scheduler")
 
 
 def check_optimizer(section: DictConfig) -> None:
-    """Known keys only; learning rate > 0 and weight decay >= 0, before anything is built."""
+    """Known keys only; learning rate > 0, weight decay >= 0 and fused a boolean or null,
+    before anything is built."""
     unknown = sorted(set(section) - set(OPTIM_KEYS))
     if unknown:
         raise ConfigError(
@@ -366,6 +367,13 @@ def check_optimizer(section: DictConfig) -> None:
     _check(_is_number(lr) and lr > 0, "optim.optimizer.lr", lr, "a number > 0")
     wd = section.optimizer.get("weight_decay", 0.0)
     _check(_is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a number >= 0")
+    fused = section.optimizer.get("fused")
+    _check(
+        fused is None or isinstance(fused, bool),
+        "optim.optimizer.fused",
+        fused,
+        "true | false | null",
+    )
 
 
 def _is_number(v: Any) -> bool:

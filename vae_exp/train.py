@@ -406,8 +406,10 @@ def make_step(
     return eager_step(net, model, loss_fn, optimizer, trainer.precision, trainer.channels_last)
 
 
-def describe_step(trainer: TrainerConfig, captured: bool, cluster: Cluster) -> str:
+def describe_step(trainer: TrainerConfig, captured: bool, cluster: Cluster, optimizer) -> str:
     parts = ["CUDA graph" if captured else "eager", trainer.precision]
+    if optimizer.defaults.get("fused"):
+        parts.append(f"fused {type(optimizer).__name__}")
     if trainer.compile:
         parts.append(f"torch.compile({trainer.compile})")
     if trainer.channels_last:
@@ -524,7 +526,7 @@ def _run(
         f" (rank {cluster.rank} of {cluster.world_size})" if cluster.distributed else "",
         data.train.num_examples,
         data.val.num_examples,
-        describe_step(trainer, captured, cluster),
+        describe_step(trainer, captured, cluster, optimizer),
         run_dir,
     )
 
@@ -616,6 +618,8 @@ def _run(
                 "skipped_steps": pos.skipped,
                 "seconds": seconds,
             }
+            if device.type == "cuda":  # the most GPU memory tensors have held so far
+                metrics["gpu_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
             tracker.log_epoch(metrics)
             epoch_metrics.append(metrics)
             pos.best_val_loss, improved = (
