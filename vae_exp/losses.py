@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_exp.likelihood import (
+    gaussian_kld,
+    kl_per_dim,
+    log_normal_diag,
+    log_px_given_z,
+    log_standard_normal,
+)
 from vae_exp.models.base import VAEOutput
 
 LossTerms = dict[str, Tensor]
 SCHEDULES = ("constant", "linear", "cyclical")
-
-
-def gaussian_kld(mu: Tensor, log_var: Tensor) -> Tensor:
-    """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1),
-    summed over latent dims, one value per example (shape [batch])."""
-    return 0.5 * torch.sum(mu**2 + torch.exp(log_var) - log_var - 1, dim=1)
 
 
 def _fail(key: str, value: object, allowed: str) -> ValueError:
@@ -168,7 +169,7 @@ class VAELoss:
 
     def kl_terms(self, mu: Tensor, log_var: Tensor) -> LossTerms:
         """kld (true KL), weighted_kld (the KL part of the loss) and the weight used."""
-        per_dim = 0.5 * (mu**2 + torch.exp(log_var) - log_var - 1)
+        per_dim = kl_per_dim(mu, log_var)
         kld = per_dim.sum(dim=1).mean()
         terms = {"kld": kld}
         regularised = kld
@@ -267,8 +268,6 @@ class IWAELoss(VAELoss):
         self.pixel_range = (0.0, 1.0) if likelihood == "bernoulli" else (-1.0, 1.0)
 
     def __call__(self, out: VAEOutput, x: Tensor) -> LossTerms:
-        from vae_exp.likelihood import log_normal_diag, log_px_given_z, log_standard_normal
-
         recon, z = (out.recon, out.z) if out.z.dim() == 3 else (out.recon[None], out.z[None])
         k = len(z)
         if k != self.samples:
