@@ -181,7 +181,7 @@ class VAELoss:
             terms["weighted_kld"] = self.w * (regularised - self.capacity_now).abs()
             terms["kl_weight"] = torch.full_like(kld, self.w)  # a kernel, not a host copy
             return terms
-        if self.schedule.kind == "constant":  # a plain float: the seed's arithmetic exactly
+        if self.schedule.kind == "constant":  # a plain float: the original script's arithmetic
             terms["weighted_kld"] = self.w * regularised
             terms["kl_weight"] = torch.full_like(kld, self.w)
         else:
@@ -197,9 +197,10 @@ class VAELoss:
 
 
 class MSEKLD(VAELoss):
-    """The seed's loss: `F.mse_loss(recon, x)` (mean over batch, channels and pixels) plus
-    w * KLD (sum over latent dims, mean over batch). Data in [-1, 1], decoder ends in Tanh.
-    As a likelihood it is a Gaussian decoder with a fixed variance (see vae_exp.likelihood)."""
+    """The original script's loss: `F.mse_loss(recon, x)` (mean over batch, channels and
+    pixels) plus w * KLD (sum over latent dims, mean over batch). Data in [-1, 1], decoder ends
+    in Tanh. As a likelihood it is a Gaussian decoder with a fixed variance (vae_exp.likelihood).
+    """
 
     decoder_output = "tanh"
     pixel_range = (-1.0, 1.0)
