@@ -19,7 +19,7 @@ train:  ## train the reference experiment (extra overrides: make train ARGS="los
 sweep:  ## example sweep: latent_dim x w, 4 jobs under multirun/
 	$(PYTHON) -m vae_exp --multirun model.latent_dim=16,32 loss.w=1e-4,1e-3 $(ARGS)
 
-evaluate:  ## evaluate a run on the test split (make evaluate RUN=outputs/<date>/<time> ARGS="--k 5000")
+evaluate:  ## evaluate a run on the test split (make evaluate RUN=outputs/<date>/<time>-<id> ARGS="--k 5000")
 	$(PYTHON) -m vae_exp.evaluate $(RUN) $(ARGS)
 
 benchmark:  ## seconds per epoch: the original loop vs vae_exp's (ARGS="--device cuda")
@@ -28,7 +28,7 @@ benchmark:  ## seconds per epoch: the original loop vs vae_exp's (ARGS="--device
 results:  ## the README's results table: the model zoo on Fashion-MNIST (CPU, ~25 min)
 	bash benchmarks/zoo_fashion_cpu.sh
 
-test:  ## the default test suite (fast; excludes tests marked slow)
+test:  ## the default test suite, slow-marked tests excluded (~10 min on 2 CPU cores)
 	$(PYTHON) -m pytest
 
 test-all:  ## every test, slow ones included

@@ -6,7 +6,7 @@
 set -eu
 OUT=${1:-results/fashion_cpu}
 COMMON="data=fashion_mnist logger=none trainer.progress=false"
-KW="experiment=kingma_welling $COMMON trainer.epochs=30"
+KW="experiment=kingma_welling $COMMON trainer.epochs=30 eval.k=1000"
 run() { name=$1; shift; echo "== $name: python -m vae_exp $*"; python -m vae_exp "$@" hydra.run.dir="$OUT/$name" 2>&1 | grep -E "evaluate|Error" || true; echo "$*" > "$OUT/$name/command.txt"; }
 mkdir -p "$OUT"
 run vae_mlp $KW

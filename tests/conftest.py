@@ -2,19 +2,78 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from vae_exp.config import one_line
+
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
-SHARED_DATA = REPO.parent / "shared" / "data"  # real MNIST test split (10,000 images)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+# Real MNIST (the tests read its test split): $VAE_EXP_DATA when set, else ../shared/data,
+# else torchvision's download into a cache folder (tried once per session), else tests skip.
+DATA_ENV = "VAE_EXP_DATA"
+MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+DOWNLOAD_HOST = "ossci-datasets.s3.amazonaws.com"  # torchvision's first MNIST mirror
+
+
+def has_mnist(root: Path) -> bool:
+    """Whether root holds MNIST's test split as torchvision stores it (MNIST/raw/*.gz)."""
+    return all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
+
+
+def mnist_places(env: Mapping[str, str], repo: Path) -> list[Path]:
+    """Where the tests look for MNIST, in order: only $VAE_EXP_DATA when it is set (a folder
+    holding MNIST/raw/...); else ../shared/data beside the checkout, then the download cache
+    (the last place, where a download goes)."""
+    if env.get(DATA_ENV):
+        return [Path(env[DATA_ENV]).expanduser().absolute()]
+    cache = Path(env.get("XDG_CACHE_HOME") or Path(env.get("HOME", "~"), ".cache"))
+    return [repo.parent / "shared" / "data", cache.expanduser() / "vae_exp" / "data"]
+
+
+def find_mnist(env: Mapping[str, str], repo: Path) -> Path:
+    """The first place of `mnist_places` that holds MNIST, else the last one."""
+    places = mnist_places(env, repo)
+    return next((p for p in places if has_mnist(p)), places[-1])
+
+
+def missing_mnist_reason(env: Mapping[str, str], repo: Path, download_error: str) -> str:
+    """Why MNIST-reading tests skip, and how to give them the data."""
+    where = ", ".join(str(p) for p in mnist_places(env, repo))
+    return (
+        f"real MNIST's test split (MNIST/raw/{' and '.join(MNIST_FILES)}) was not found in "
+        f"{where}{download_error}. To run these tests, set {DATA_ENV} to a folder holding "
+        "MNIST/raw/ with those files (README, Set up)"
+    )
+
+
+@functools.cache
+def download_mnist(root: Path) -> str:
+    """Download MNIST into root with torchvision, once per session; "" or why it failed. A
+    quick connection test first, so that no network costs seconds, not minutes."""
+    try:
+        socket.create_connection((DOWNLOAD_HOST, 443), timeout=5).close()
+        from torchvision import datasets
+
+        datasets.MNIST(str(root), train=False, download=True)
+    except Exception as e:  # no network comes in many types
+        return f"; downloading it into {root} failed ({one_line(e)})"
+    return ""
+
+
+DATA_ROOT = find_mnist(os.environ, REPO)
+SHARED_DATA = DATA_ROOT  # the real MNIST (test split, 10,000 images), found as above
 
 # A small model and a few real images: enough to exercise every path in seconds on a CPU.
 TINY = [
@@ -64,9 +123,12 @@ def run_cli(
 
 @pytest.fixture(scope="session")
 def mnist_root() -> Path:
-    if not (SHARED_DATA / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"the real MNIST test split is missing from {SHARED_DATA}")
-    return SHARED_DATA
+    """The folder holding real MNIST (`find_mnist`); tests that need it skip without it."""
+    if not has_mnist(DATA_ROOT):
+        error = "" if os.environ.get(DATA_ENV) else download_mnist(DATA_ROOT)
+        if error or not has_mnist(DATA_ROOT):
+            pytest.skip(missing_mnist_reason(os.environ, REPO, error))
+    return DATA_ROOT
 
 
 @pytest.fixture(scope="session")

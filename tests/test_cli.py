@@ -180,6 +180,8 @@ def test_multirun_sweep(sweep_2x2):
         evaluation = json.loads((sweep / job_name / "eval.json").read_text())  # final eval
         assert summary["eval/nll"] == pytest.approx(evaluation["nll"])
         assert summary["eval/active_units"] == evaluation["active_units"]
+        assert summary["eval/sigma"] == pytest.approx(evaluation["sigma"])  # sigma follows w
+        assert summary["eval/likelihood"] == "gaussian" and summary["eval/k"] == 20
 
 
 def test_two_sweeps_in_the_same_second_get_different_folders():
@@ -257,6 +259,7 @@ VARIANTS = {
     "rgb": ["data.channels=3"],
     "fashion": [
         "data=fashion_mnist",
+        "data.root=null",  # the default places: Debian's folder
         "data.train_split=train",
         "data.image_size=28",
         "model.hidden_dims=[8,16]",

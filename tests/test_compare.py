@@ -49,6 +49,8 @@ def test_compare_a_sweep(sweep):
         metrics = [m for m in lines if "epoch" in m]
         [evaluation] = [m for m in lines if "eval/nll" in m]  # the final evaluation's line
         assert float(row["test NLL (IS)"]) == pytest.approx(evaluation["eval/nll"])
+        assert float(row["sigma"]) == pytest.approx(evaluation["eval/sigma"])
+        assert row["decoder"] == "gaussian" and row["IS k"] == "20"
         assert float(row["final val/loss"]) == pytest.approx(metrics[-1]["val/loss"])
         assert float(row["best val/loss"]) == pytest.approx(min(m["val/loss"] for m in metrics))
         assert float(row["final val/kld"]) == pytest.approx(metrics[-1]["val/kld"])
@@ -58,12 +60,39 @@ def test_compare_a_sweep(sweep):
     assert losses == sorted(losses)
     assert "wandb sync" in result.stdout and result.stdout.count("offline-run-") == 4
     md = (sweep / "comparison.md").read_text()
-    assert md.count("\n") == 6 and "| run | state |" in md
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) == 5 and rows[0].startswith("| run | state |")  # a header and 4 runs
     png = np.asarray(Image.open(sweep / "comparison.png").convert("L"), dtype=float)
     assert png.shape[1] > 1000 and png.std() > 10  # three panels with curves and points
     page = (sweep / "comparison.html").read_text()
     assert page.count("<tr>") == 5 and page.count("data:image/png;base64,") == 1 + 4 * 2
     assert "http://" not in page and "https://" not in page  # self-contained
+
+
+def test_runs_with_different_decoders_are_flagged(sweep):
+    """mse_kld with w = 1e-4 and 1e-3: Gaussian decoders with sigma = sqrt(w * 1024 / 2), whose
+    nats are not comparable: the sigma column shows it and a note under the table says so,
+    in the printout, comparison.md and comparison.html; runs of one sigma get no note."""
+    result = compare(str(sweep))
+    assert result.returncode == 0, result.stderr
+    with open(sweep / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    for row in table:
+        w = float(row["loss.w"])
+        assert float(row["sigma"]) == pytest.approx((w * 1024 / 2) ** 0.5, rel=1e-6)
+    note = "Test -ELBO and NLL are NOT comparable between these runs"
+    assert "gaussian sigma=0.2263; gaussian sigma=0.7155" in result.stdout
+    assert note in result.stdout and note in (sweep / "comparison.md").read_text()
+    assert "| test -ELBO * | test NLL (IS) * |" in result.stdout
+    page = (sweep / "comparison.html").read_text()
+    assert f'<p class="note">* {note}' in page and "<th>test -ELBO *</th>" in page
+
+    same_sigma = [sweep / r["run"] for r in table if r["loss.w"] == "0.001"]
+    out = sweep / "same_sigma"
+    result = compare(*map(str, same_sigma), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "NOT comparable" not in result.stdout and "test -ELBO *" not in result.stdout
+    assert 'class="note"' not in (out / "comparison.html").read_text()
 
 
 def test_broken_and_unfinished_runs_are_listed(sweep):
@@ -73,6 +102,8 @@ def test_broken_and_unfinished_runs_are_listed(sweep):
     (copy / "2" / "metrics.jsonl").write_text(lines[0] + "\n")  # 1 of 2 epochs
     with open(copy / "3" / "vae_exp.log", "a") as f:
         f.write("[2026-01-01 00:00:00,000][vae_exp][ERROR] - Non-finite loss\n")
+    with open(copy / "0" / "vae_exp.log", "a") as f:  # preempted in its final evaluation
+        f.write("[2026-01-01 00:00:00,000][vae_exp][ERROR] - Stopped by SIGTERM during the ...\n")
     result = compare(str(copy))
     assert result.returncode == 0, result.stderr
     with open(copy / "comparison.csv") as f:

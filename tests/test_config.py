@@ -1,5 +1,8 @@
 """Every option of every config group composes with Hydra and builds."""
 
+import os
+import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -7,8 +10,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import CONF, compose_cfg
-from vae_exp.config import ConfigError, read_data, read_logger, read_trainer
+from tests.conftest import CONF, cli_env, compose_cfg
+from vae_exp.config import (
+    ConfigError,
+    check_optimizer,
+    check_top_level_keys,
+    read_data,
+    read_eval,
+    read_logger,
+    read_trainer,
+)
 from vae_exp.train import build_model, build_optimizer
 
 GROUPS = ["model", "data", "optim", "loss", "trainer", "logger"]
@@ -106,11 +117,17 @@ def test_bce_loss_gets_a_logit_decoder_and_unit_range():
         ("trainer", "trainer.device=gpu", "trainer.device='gpu'"),
         ("trainer", "+trainer.checkpoint.every=3", "unknown key trainer.checkpoint.every"),
         ("logger", "logger.mode=sometimes", "logger.mode='sometimes'"),
+        ("logger", "logger.init_timeout=inf", "logger.init_timeout=inf"),
+        ("trainer", "trainer.seed=-1", "trainer.seed=-1"),
+        ("trainer", f"trainer.seed={2**63}", f"trainer.seed={2**63}"),
+        ("eval", "eval.seed=99999999999999999999", "eval.seed=99999999999999999999"),
+        ("eval", "eval.sigma=nan", "eval.sigma=nan"),
     ],
 )
 def test_bad_values_name_the_key(section, override, message):
     cfg = compose_cfg([override])
-    reader = {"data": read_data, "trainer": read_trainer, "logger": read_logger}[section]
+    readers = {"data": read_data, "trainer": read_trainer, "logger": read_logger}
+    reader = {**readers, "eval": read_eval}[section]
     with pytest.raises(ConfigError, match=message.replace("+", r"\+").replace(".", r"\.")):
         reader(cfg[section])
 
@@ -119,3 +136,53 @@ def test_folder_cannot_download(tmp_path: Path):
     cfg = compose_cfg(["data=folder", f"data.root={tmp_path}", "data.download=true"])
     with pytest.raises(ConfigError, match="data.download"):
         read_data(cfg.data)
+
+
+def test_seeds_span_torchs_range():
+    for seed in (0, 2**63 - 1):
+        trainer = read_trainer(compose_cfg([f"trainer.seed={seed}"]).trainer)
+        torch.manual_seed(trainer.seed + 10**6)  # + steps: still a seed torch accepts
+        assert read_eval(compose_cfg([f"eval.seed={seed}"]).eval).seed == seed
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "true"])
+@pytest.mark.parametrize("key", ["lr", "weight_decay"])
+def test_optimizer_numbers_must_be_finite(key, value):
+    cfg = compose_cfg([f"optim.optimizer.{key}={value}"])
+    with pytest.raises(ConfigError, match=rf"optim\.optimizer\.{key}=.*finite number"):
+        check_optimizer(cfg.optim)
+
+
+def test_folder_val_fraction_must_be_finite(tmp_path: Path):
+    cfg = compose_cfg(["data=folder", f"data.root={tmp_path}", "data.val_fraction=nan"])
+    with pytest.raises(ConfigError, match="data.val_fraction=nan"):
+        read_data(cfg.data)
+
+
+def test_unknown_top_level_key_names_it_and_the_keys():
+    check_top_level_keys(compose_cfg())  # the default config passes
+    with pytest.raises(ConfigError, match="top-level key lr .*optim.optimizer.lr.* logger, eval"):
+        check_top_level_keys(compose_cfg(["+lr=0.1"]))
+    with pytest.raises(ConfigError, match=r"top-level key colour; the top-level keys are model"):
+        check_top_level_keys(compose_cfg(["+colour=red"]))
+
+
+def test_tab_completion_of_the_console_script(tmp_path: Path):
+    # What bash does: install the completion, then Tab after `vae_exp model.lat`.
+    scripts = sysconfig.get_path("scripts")
+    if not (Path(scripts) / "vae_exp").is_file():
+        pytest.fail(f"no vae_exp console script in {scripts}: pip install -e .")
+    tab = (
+        'eval "$(vae_exp -sc install=bash)"; COMP_LINE="vae_exp model.lat"; '
+        "COMP_POINT=${#COMP_LINE}; COMP_WORDS=($COMP_LINE); COMP_CWORD=1; "
+        'hydra_bash_completion; printf "%s\\n" "${COMPREPLY[@]}"'
+    )
+    result = subprocess.run(
+        ["bash", "-c", tab],
+        cwd=tmp_path,
+        env=cli_env({"PATH": f"{scripts}{os.pathsep}{os.environ['PATH']}"}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.split() == ["model.latent_dim="], result.stdout + result.stderr

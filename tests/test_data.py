@@ -1,16 +1,35 @@
 """Reading the real IDX files, split handling, folders of images, and batching."""
 
+import copy
+import dataclasses
 import gzip
 import hashlib
+import logging
+import os
+import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
-from tests.conftest import TINY, compose_cfg, run_cli
+from tests.conftest import (
+    DATA_ENV,
+    MNIST_FILES,
+    REPO,
+    TINY,
+    cli_env,
+    compose_cfg,
+    find_mnist,
+    missing_mnist_reason,
+    run_cli,
+)
+from vae_exp.checkpoint import config_differences
 from vae_exp.config import ConfigError, read_data
 from vae_exp.data import (
     DataNotFoundError,
@@ -18,7 +37,9 @@ from vae_exp.data import (
     TensorBatches,
     binarize,
     build_data,
+    data_root,
     list_folder_split,
+    load_cifar10_split,
     load_idx_split,
     prepare_images,
     read_idx,
@@ -35,13 +56,23 @@ def test_real_mnist_test_split(mnist_root):
     assert 20 < images.mean() < 50  # real digits: mostly black background
 
 
-def test_a_split_loads_without_the_other_and_a_missing_one_explains(mnist_root):
-    # ../shared/data has only the test split: it must load, and train must fail clearly
-    assert len(load_idx_split("mnist", mnist_root, "test", download=False)[0]) == 10_000
+def copy_mnist_test_split(mnist_root: Path, root: Path) -> Path:
+    """A folder holding only MNIST's test split (root/MNIST/raw/t10k-*.gz); returns root."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in MNIST_FILES:
+        shutil.copy(mnist_root / "MNIST" / "raw" / name, raw / name)
+    return root
+
+
+def test_a_split_loads_without_the_other_and_a_missing_one_explains(mnist_root, tmp_path):
+    # a folder with only the test split: it must load, and train must fail clearly
+    root = copy_mnist_test_split(mnist_root, tmp_path)
+    assert len(load_idx_split("mnist", root, "test", download=False)[0]) == 10_000
     with pytest.raises(DataNotFoundError) as info:
-        load_idx_split("mnist", mnist_root, "train", download=False)
+        load_idx_split("mnist", root, "train", download=False)
     message = str(info.value)
-    assert "train-images-idx3-ubyte" in message and str(mnist_root / "MNIST" / "raw") in message
+    assert "train-images-idx3-ubyte" in message and str(root / "MNIST" / "raw") in message
     assert "data.root" in message and "data.download=true" in message
     assert "\n" not in message
 
@@ -63,12 +94,16 @@ def test_truncated_idx_file_is_named(mnist_root, tmp_path):
         read_idx(bad)
 
 
-def test_fashion_mnist_from_debian(fashion_dir, tmp_path):
-    # nothing under root: the system folder is found
-    train, train_labels = load_idx_split("fashion_mnist", tmp_path, "train", download=False)
-    test, _ = load_idx_split("fashion_mnist", tmp_path, "test", download=False)
+def test_fashion_mnist_from_debian(fashion_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data: data.root=null finds the system folder
+    train, train_labels = load_idx_split("fashion_mnist", None, "train", download=False)
+    test, _ = load_idx_split("fashion_mnist", None, "test", download=False)
     assert train.shape == (60_000, 28, 28) and test.shape == (10_000, 28, 28)
     assert sorted(set(train_labels.tolist())) == list(range(10))
+    # a data.root that is given is the only place searched: no silent fallback to Debian's
+    with pytest.raises(DataNotFoundError) as info:
+        load_idx_split("fashion_mnist", tmp_path, "train", download=False)
+    assert str(fashion_dir) not in str(info.value) and "leave data.root null" in str(info.value)
 
 
 def write_pngs(folder, images, labels):
@@ -166,10 +201,6 @@ def test_device_resident_and_dataloader_paths_give_the_same_batches(mnist_root, 
 def test_cifar10_python_batches(mnist_root, tmp_path):
     """The CIFAR-10 reader on files in CIFAR-10's own format (pickled dicts of 3x32x32 rows),
     filled with real MNIST digits since CIFAR-10 itself cannot be fetched here."""
-    import pickle
-
-    from vae_exp.data import load_cifar10_split
-
     digits, labels = load_idx_split("mnist", mnist_root, "test", download=False)
     rgb = np.repeat(np.pad(digits[:60], ((0, 0), (2, 2), (2, 2)))[:, None], 3, axis=1)
     folder = tmp_path / "cifar-10-batches-py"
@@ -380,3 +411,165 @@ def test_cli_trains_on_dynamically_binarized_mnist(mnist_root, tmp_path):
     result = run_cli([*TINY, "loss=bce_kld", "data.binarize=dynamic", "logger=none"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data.binarize=dynamic" in result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Where the data comes from; damaged and crafted files
+
+
+def place_mnist(root: Path) -> Path:
+    """Stand-in MNIST files (their presence is all the search looks at)."""
+    (root / "MNIST" / "raw").mkdir(parents=True)
+    for name in MNIST_FILES:
+        (root / "MNIST" / "raw" / name).write_bytes(b"")
+    return root
+
+
+def test_tests_find_mnist_in_vae_exp_data_then_shared_then_the_cache(tmp_path):
+    repo, home = tmp_path / "checkout", tmp_path / "home"
+    shared, cache = tmp_path / "shared" / "data", home / ".cache" / "vae_exp" / "data"
+    mine = tmp_path / "mine"
+    env = {"HOME": str(home)}
+    assert find_mnist(env, repo) == cache  # nowhere: the cache, where a download goes
+    reason = missing_mnist_reason(env, repo, "")
+    assert str(shared) in reason and str(cache) in reason and DATA_ENV in reason
+    place_mnist(cache)
+    assert find_mnist(env, repo) == cache
+    place_mnist(shared)
+    assert find_mnist(env, repo) == shared
+    assert find_mnist({**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}, repo) == shared
+    mine.mkdir()  # $VAE_EXP_DATA wins, and is the only place looked at when set
+    assert find_mnist({**env, DATA_ENV: str(mine)}, repo) == mine
+    assert str(shared) not in missing_mnist_reason({**env, DATA_ENV: str(mine)}, repo, "")
+    place_mnist(mine)
+    assert find_mnist({**env, DATA_ENV: str(mine)}, repo) == mine
+    shutil.rmtree(shared)
+    assert find_mnist({**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}, repo) == (
+        tmp_path / "xdg" / "vae_exp" / "data"
+    )
+
+
+def test_tests_read_mnist_from_vae_exp_data_and_skip_without_it(mnist_root, tmp_path):
+    """A real pytest session (a data test) with $VAE_EXP_DATA set: it passes on a folder
+    holding MNIST, and skips with the way to fix it on an empty one; never an error."""
+    test = "tests/test_data.py::test_real_mnist_test_split"
+    mine = copy_mnist_test_split(mnist_root, tmp_path / "mine")
+    (tmp_path / "empty").mkdir()
+    for folder, outcome in ((mine, "1 passed"), (tmp_path / "empty", "1 skipped")):
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test],
+            cwd=REPO,
+            env=cli_env({DATA_ENV: str(folder)}),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert outcome in result.stdout, result.stdout[-3000:]
+    assert f"{tmp_path / 'empty'}" in result.stdout and f"set {DATA_ENV}" in result.stdout
+
+
+def test_data_root_null_means_the_default_places_and_a_given_one_must_exist(tmp_path):
+    cfg = read_data(compose_cfg([]).data)
+    assert cfg.root is None and data_root(cfg) is None
+    assert data_root(dataclasses.replace(cfg, root="data")) is None  # runs saved before null
+    assert data_root(dataclasses.replace(cfg, root=str(tmp_path))) == tmp_path
+    missing = tmp_path / "nowhere"
+    for name in ("mnist", "fashion_mnist", "cifar10", "folder"):
+        given = dataclasses.replace(cfg, name=name, root=str(missing), download=False)
+        with pytest.raises(ConfigError, match=f"data.root={missing} is not a directory"):
+            data_root(given)
+    # download=true creates it for the download
+    assert data_root(dataclasses.replace(cfg, root=str(missing), download=True)) == missing
+    with pytest.raises(ConfigError, match=r"data.root=None; allowed: a folder path"):
+        read_data(compose_cfg(["data=folder", "data.root=null"]).data)
+    # runs saved with root: data (the old default) resume under today's default
+    current = OmegaConf.to_container(compose_cfg([]), resolve=True)
+    old = copy.deepcopy(current)
+    old["data"]["root"] = "data"
+    assert config_differences(old, current) == []
+
+
+def test_a_failed_download_names_data_root_and_leaves_no_folder(tmp_path):
+    root = tmp_path / "new" / "dir"
+    try:
+        images, _ = load_idx_split("mnist", root, "test", download=True)
+    except DataNotFoundError as e:  # no network (as on the machines this was written on)
+        assert f"Download with torchvision into data.root={root} failed" in str(e)
+        assert not (tmp_path / "new").exists()
+    else:  # the network allowed it: the files arrived where data.root says
+        assert len(images) == 10_000 and (root / "MNIST" / "raw").is_dir()
+
+
+def test_each_split_logs_the_files_it_was_read_from(mnist_root, caplog):
+    caplog.set_level(logging.INFO, logger="vae_exp.data")
+    cfg = compose_cfg([f"data.root={mnist_root}", "data.train_split=test", "data.limit=8"])
+    build_data(read_data(cfg.data), (0.0, 1.0), torch.device("cpu"), seed=0)
+    lines = [r.getMessage() for r in caplog.records if " split: " in r.getMessage()]
+    images = mnist_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    assert len(lines) == 2  # one per split (train and val are both the test split here)
+    assert all(line.startswith("data=mnist test split: read ") for line in lines)
+    assert all(str(images) in line for line in lines)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_a_truncated_or_corrupt_gz_file_is_named(mnist_root, tmp_path, damage):
+    root = copy_mnist_test_split(mnist_root, tmp_path / "data")
+    bad = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else gzip.decompress(good))
+    with pytest.raises(ConfigError) as info:
+        read_idx(bad)
+    message = str(info.value)
+    assert f"{bad} is truncated or corrupt" in message and "download it again" in message
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        [*TINY, f"data.root={root}", "data.download=false", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env={"WANDB_MODE": "disabled"},
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert f"{bad} is truncated or corrupt" in output and "Traceback" not in output
+    assert not (run_dir / "checkpoints").exists()
+
+
+CIFAR_NAMES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+class RunsCode:
+    """A pickle payload: unpickling it calls os.system (creating `marker`)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])  # Python 2's format (the real files) .. today's
+def test_cifar10_batches_load_and_a_crafted_one_runs_no_code(tmp_path, protocol):
+    rows = np.random.default_rng(0).integers(0, 256, (60, 3072), dtype=np.uint8)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i, name in enumerate(CIFAR_NAMES):  # the keys of the real files
+        batch = {
+            "batch_label": f"batch {i + 1} of 6",
+            "labels": [(i + j) % 10 for j in range(10)],
+            "data": rows[i * 10 : (i + 1) * 10],
+            "filenames": [f"image_{i}_{j}.png" for j in range(10)],
+        }
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    train, labels = load_cifar10_split(tmp_path, "train", download=False)
+    assert train.shape == (50, 32, 32, 3) and labels[:12].tolist() == [*range(10), 1, 2]
+    assert np.array_equal(train[17], rows[17].reshape(3, 32, 32).transpose(1, 2, 0))
+
+    marker = tmp_path / "code_ran"
+    crafted = pickle.dumps({"data": RunsCode(marker), "labels": [0]}, protocol=protocol)
+    (folder / "test_batch").write_bytes(crafted)
+    with pytest.raises(ConfigError) as info:
+        load_cifar10_split(tmp_path, "test", download=False)
+    message = str(info.value)
+    assert f"{folder / 'test_batch'} is not a CIFAR-10 batch" in message and "system" in message
+    assert not marker.exists()
+    pickle.loads(crafted)  # the payload is real: plain pickle runs it
+    assert marker.exists()

@@ -13,7 +13,13 @@ CASES = [
     (["model.latent_dim=abc"], ["model.latent_dim", "an integer >= 1"]),
     (["data.image_size=30"], ["data.image_size=30", "2**len(model.hidden_dims)"]),
     (["loss.w=-0.1"], ["loss.w", ">= 0"]),
-    (["optim.optimizer.lr=-1e-3"], ["optim.optimizer.lr", "a number > 0"]),
+    (["optim.optimizer.lr=-1e-3"], ["optim.optimizer.lr", "a finite number > 0"]),
+    (["optim.optimizer.lr=inf"], ["optim.optimizer.lr=inf", "a finite number > 0"]),
+    (["optim.optimizer.weight_decay=inf"], ["optim.optimizer.weight_decay=inf", "finite"]),
+    (["eval.sigma=inf"], ["eval.sigma=inf", "implied | a finite number > 0"]),
+    (["logger.init_timeout=nan"], ["logger.init_timeout=nan", "a finite number of seconds"]),
+    (["trainer.seed=99999999999999999999999"], ["trainer.seed=9999", "an integer in [0, 2**63)"]),
+    (["+epochs=50"], ["unknown top-level key epochs", "trainer.epochs", "data, optim, loss"]),
     (["optim.optimizer.fused=maybe"], ["optim.optimizer.fused='maybe'", "true | false | null"]),
     (["trainer.epochs=0"], ["trainer.epochs", "an integer >= 1"]),
     (["+trainer.epoch=3"], ["unknown key trainer.epoch", "epochs"]),
@@ -43,8 +49,16 @@ CASES = [
     (["loss.free_bits=-1"], ["loss.free_bits=-1", "a number >= 0"]),
     (["loss=iwae", "loss.k=0"], ["loss.k=0", "an integer >= 1"]),
     (["eval.k=0"], ["eval.k=0", "an integer >= 1"]),
+    (["eval.k=many"], ["eval.k='many'", "allowed: auto (1000 on CUDA, 10 otherwise) | an integer"]),
     (["+eval.samples=5"], ["unknown key eval.samples", "chunk"]),
     (["model=conditional_conv_vae", "model.num_classes=0"], ["model.num_classes=0", ">= 1"]),
+    (["data.batch_size=1"], ["data.batch_size=1", "BatchNorm", "data.batch_size >= 2"]),
+    (["data.limit=1"], ["data.limit=1", "BatchNorm", "data.limit >= 2"]),
+    (
+        ["data=fashion_mnist", "data.root=/nonexistent/dir", "data.download=false"],
+        ["data.root=/nonexistent/dir is not a directory", "or null"],
+    ),
+    (["data=folder", "data.root=null"], ["data.root=None", "a folder path"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(

@@ -51,3 +51,30 @@ def test_parallel_launchers(launcher, mnist_root, tmp_path):
         config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
         assert config["model"]["latent_dim"] == (4 if job == "0" else 8)
         assert best_val_loss(sweep / job) > 0
+
+
+def test_failed_jobs_get_one_paragraph_each_and_a_summary(mnist_root, tmp_path):
+    # 2**6 does not divide the 32-pixel images: jobs 0 and 2 fail before training, job 1 runs.
+    bad, good, worse = "[8,16,32,64,128,256]", "[8,16]", "[8,16,32,64,128,256,512]"
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        [
+            "--multirun",
+            *[a for a in QUICK if not a.startswith("model.hidden_dims")],
+            f"model.hidden_dims={bad},{good},{worse}",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "Traceback" not in output
+    assert output.count("Invalid config for model: data.image_size=32 is not divisible") == 2
+    summary = (
+        f"2 of 3 sweep jobs failed: job 0 (model.hidden_dims={bad}); "
+        f"job 2 (model.hidden_dims={worse}). Each job's error is above and in its vae_exp.log "
+        f"under {sweep}."
+    )
+    assert summary in output.splitlines(), output[-3000:]
+    assert best_val_loss(sweep / "1") > 0  # the job after a failed one ran
+    assert not (sweep / "0" / "metrics.jsonl").exists()

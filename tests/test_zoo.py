@@ -100,16 +100,19 @@ def test_evaluate_cli_reproduces_the_final_evaluation(mnist_root, tmp_path):
     (run_dir / "eval.json").unlink()
     result = evaluate_cli([str(run_dir / "checkpoints" / "last.pt"), "--k", "20"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "-log p(x) (IS, k=20)" in result.stdout
+    assert result.stdout.count("-log p(x) (IS, k=20)") == 1
     again = json.loads((run_dir / "eval.json").read_text())
+    assert again["weights"] == str(run_dir / "checkpoints" / "last.pt")
     for key in ("neg_elbo", "recon_nll", "kl", "nll", "mse", "active_units", "images"):
         assert again[key] == pytest.approx(at_end[key], rel=1e-6), key
     assert again["kl_per_dim"] == pytest.approx(at_end["kl_per_dim"], rel=1e-6)
     # more samples: a tighter estimate (k=200 >= k=20 in expectation; 256 images)
     result = evaluate_cli([str(run_dir), "--k", "200", "--chunk", "64"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    tighter = json.loads((run_dir / "eval.json").read_text())
+    tighter = json.loads((run_dir / "eval.json").read_text())  # more thorough: eval.json
     assert tighter["k"] == 200 and tighter["nll"] < at_end["nll"] + 0.05
+    kept = sorted(p.name for p in (run_dir / "eval").glob("*.json"))
+    assert kept == ["test-k20-n256-epoch3.json", "test-k200-n256-epoch3.json"]
 
 
 def test_evaluate_cli_bad_input(tmp_path):

@@ -1,4 +1,4 @@
-"""`python -m vae_exp [overrides]`: the Hydra entry point."""
+"""`vae_exp [overrides]` (or `python -m vae_exp`): the Hydra entry point."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vae_exp.config import ConfigError
+from vae_exp.config import ConfigError, check_top_level_keys
 from vae_exp.distributed import global_rank, launched_by_torchrun
 from vae_exp.tracking import RunLabels
 
@@ -22,22 +23,66 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("vae_exp")
 
 
+def swept_keys(sweep_dir: Path) -> set[str]:
+    """The keys a sweep varies (e.g. {"model.latent_dim"}), read from its multirun.yaml."""
+    multirun_yaml = sweep_dir / "multirun.yaml"
+    if not multirun_yaml.is_file():
+        return set()
+    overrides = list(OmegaConf.load(multirun_yaml).hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
+
+
+def swept_overrides(overrides: list[str], swept: set[str]) -> list[str]:
+    """The overrides of one job that set a swept key ("model.latent_dim=64")."""
+    return [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
+
+
 def job_labels(hydra_cfg: DictConfig) -> RunLabels:
     """W&B name, group and tags of a sweep job: the group is the sweep folder, the name the
     values of the swept keys (read from the sweep's multirun.yaml), which are also the tags."""
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return RunLabels()
     sweep_dir = Path(hydra_cfg.sweep.dir)
-    swept: set[str] = set()
-    multirun_yaml = sweep_dir / "multirun.yaml"
-    if multirun_yaml.is_file():
-        overrides = list(OmegaConf.load(multirun_yaml).hydra.overrides.task)
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        swept = {o.key_or_group for o in parsed if o.is_sweep_override()}
-    job = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
+    job = swept_overrides(list(hydra_cfg.overrides.task), swept_keys(sweep_dir))
     pairs = [o.partition("=") for o in job]  # "model.latent_dim=64" -> "latent_dim=64"
     name = ",".join(f"{re.split(r'[./]', key)[-1]}={value}" for key, _, value in pairs)
     return RunLabels(name=name or None, group=str(sweep_dir), tags=[t[:64] for t in job])
+
+
+def failed_jobs_summary(sweep_dir: Path) -> str:
+    """One line naming the failed jobs of the sweep in `sweep_dir`: the job folders whose log
+    holds an error (the rule vae_exp.compare uses too), with their swept values."""
+    jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
+    jobs.sort(key=lambda p: (len(p.name), p.name))  # job folders 0, 1, ..., 9, 10, ...
+    failed = [j for j in jobs if "[ERROR]" in _read_text(j / "vae_exp.log")]
+    swept = swept_keys(sweep_dir)
+    names = []
+    for job in failed:
+        overrides_yaml = job / ".hydra" / "overrides.yaml"
+        overrides = list(OmegaConf.load(overrides_yaml)) if overrides_yaml.is_file() else []
+        names.append(f"job {job.name} ({' '.join(swept_overrides(overrides, swept))})")
+    return (
+        f"{len(failed)} of {len(jobs)} sweep jobs failed: {'; '.join(names)}. Each job's error "
+        f"is above and in its vae_exp.log under {sweep_dir}."
+    )
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.is_file() else ""
+
+
+class SweepJobFailed(CompactHydraException):
+    """Raised by a sweep job that stopped on a ConfigError or TrainingStopped (its paragraph is
+    already logged). Hydra records the job as failed and runs the sweep's other jobs; then it
+    prints this exception's text, without a traceback (a CompactHydraException), and exits 1.
+    The text is made when printed, when every job has run: the summary of the failed jobs."""
+
+    def __init__(self, sweep_dir: str) -> None:
+        super().__init__(sweep_dir)  # in args, so the exception pickles (parallel launchers)
+
+    def __str__(self) -> str:
+        return failed_jobs_summary(Path(self.args[0]))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -47,11 +92,12 @@ def main(cfg: DictConfig) -> float:
 
     hydra_cfg = HydraConfig.get()
     try:
+        check_top_level_keys(cfg)
         return run(cfg, Path(hydra_cfg.runtime.output_dir), job_labels(hydra_cfg))
     except (ConfigError, TrainingStopped) as e:
         log.error("%s", e)
         if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(e, Preempted):
-            raise  # the sweep's other jobs go on; Hydra reports this job as failed at the end
+            raise SweepJobFailed(str(hydra_cfg.sweep.dir)) from e  # the other jobs go on
         sys.exit(getattr(e, "exit_code", 2))
 
 
@@ -70,6 +116,12 @@ def prepare_torchrun(argv: list[str]) -> None:
         argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """`python -m vae_exp` and the `vae_exp` console script (pyproject.toml), with which
+    Hydra's tab completion works: `eval "$(vae_exp -sc install=bash)"`."""
     prepare_torchrun(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -3,8 +3,10 @@
     python -m vae_exp.compare multirun/<date>/<time>-<id> [more sweep or run dirs] [--sort KEY]
 
 prints one row per run (swept values, state, final and best validation terms, epochs, seconds
-per epoch) and writes comparison.csv, comparison.md, comparison.png and a self-contained
-comparison.html into the first sweep directory (or --out).
+per epoch, the test evaluation with its decoder and sigma) and writes comparison.csv,
+comparison.md, comparison.png and a self-contained comparison.html into the first sweep
+directory (or --out). When the runs' test numbers are not comparable (different decoders or
+Gaussian sigma, different k or test images), a note under the table says so.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ class Run:
     overrides: dict[str, str]
     epochs_planned: int | None
     metrics: list[dict[str, Any]] = field(default_factory=list)  # one per epoch
-    evaluation: dict[str, Any] = field(default_factory=dict)  # the eval/* line, if any
+    evaluation: dict[str, Any] = field(default_factory=dict)  # eval.json's numbers, if any
     state: str = "finished"  # finished | incomplete | failed
 
     @property
@@ -78,15 +80,27 @@ def read_run(path: Path) -> Run:
                 continue
             if "epoch" in values:
                 run.metrics.append(values)
-            elif "eval/nll" in values:  # the final evaluation (vae_exp.evaluate)
-                run.evaluation = values
+            elif "eval/nll" in values:  # training's final evaluation (older runs: no eval.json)
+                run.evaluation = {k.removeprefix("eval/"): v for k, v in values.items()}
+    run.evaluation = read_evaluation(path) or run.evaluation
     log_file = path / "vae_exp.log"
-    failed = log_file.is_file() and "[ERROR]" in log_file.read_text()
+    errors = log_file.read_text().splitlines() if log_file.is_file() else []
+    # a run stopped by a signal (preempted) is not a failure: incomplete, or finished with no
+    # test numbers when the signal came during the final evaluation
+    failed = any("[ERROR]" in e and "] - Stopped by SIG" not in e for e in errors)
     if failed or not run.metrics:
         run.state = "failed" if failed else "incomplete"
     elif run.epochs_planned is not None and run.final.get("epoch", 0) < run.epochs_planned:
         run.state = "incomplete"
     return run
+
+
+def read_evaluation(run_dir: Path) -> dict[str, Any]:
+    """The run's eval.json (its most thorough test evaluation), or {} if it has none."""
+    try:
+        return json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -107,11 +121,49 @@ def rows(runs: list[Run], swept: list[str], root: Path) -> list[dict[str, Any]]:
         row["best epoch"] = r.best.get("epoch")
         seconds = [m["seconds"] for m in r.metrics if _finite(m.get("seconds"))]
         row["s/epoch"] = sum(seconds) / len(seconds) if seconds else None
-        row["test -ELBO"] = r.evaluation.get("eval/neg_elbo")
-        row["test NLL (IS)"] = r.evaluation.get("eval/nll")
-        row["active units"] = r.evaluation.get("eval/active_units")
+        e = r.evaluation
+        row["test -ELBO"] = e.get("neg_elbo")
+        row["test NLL (IS)"] = e.get("nll")
+        row["IS k"] = e.get("k")
+        row["test images"] = e.get("images")
+        row["decoder"] = e.get("likelihood")
+        row["sigma"] = e.get("sigma")
+        row["active units"] = e.get("active_units")
         table.append(row)
     return table
+
+
+TEST_COLUMNS = ("test -ELBO", "test NLL (IS)")
+
+
+def comparability_notes(runs: list[Run]) -> list[str]:
+    """Why the test columns of these runs cannot be compared row against row, if they can't:
+    different decoders or Gaussian sigma (a density's nats depend on sigma), or a different
+    number of importance samples or test images."""
+    evaluated = [r.evaluation for r in runs if r.evaluation]
+    decoders = sorted({_decoder(e) for e in evaluated})
+    notes = []
+    if len(decoders) > 1:
+        notes.append(
+            f"Test -ELBO and NLL are NOT comparable between these runs: their decoders differ "
+            f"({'; '.join(decoders)}). Nats of a Gaussian decoder depend on its sigma (for "
+            "mse_kld sigma follows loss.w: sigma^2 = w * pixels / 2) and are not comparable "
+            "with Bernoulli nats; compare only rows with the same decoder and sigma."
+        )
+    settings = sorted({(e.get("k"), e.get("images")) for e in evaluated}, key=str)
+    if len(settings) > 1:
+        listed = "; ".join(f"k={k}, {n} images" for k, n in settings)
+        notes.append(
+            f"Test NLL (IS) was estimated with different settings ({listed}): a larger k "
+            "gives a tighter (lower) estimate; re-evaluate with the same --k and --limit "
+            "(python -m vae_exp.evaluate <run> --k K) to compare."
+        )
+    return notes
+
+
+def _decoder(evaluation: dict[str, Any]) -> str:
+    sigma = evaluation.get("sigma")
+    return str(evaluation.get("likelihood")) + (f" sigma={sigma:.4g}" if _finite(sigma) else "")
 
 
 def sort_rows(table: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
@@ -134,10 +186,16 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def markdown(table: list[dict[str, Any]]) -> str:
-    header = list(table[0])
+def _headers(table: list[dict[str, Any]], notes: list[str]) -> list[str]:
+    """The column titles; the test columns marked with * when a note qualifies them."""
+    return [f"{h} *" if notes and h in TEST_COLUMNS else h for h in table[0]]
+
+
+def markdown(table: list[dict[str, Any]], notes: list[str] = ()) -> str:
+    header = _headers(table, notes)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(r[h]) for h in header) + " |" for r in table]
+    lines += ["| " + " | ".join(_cell(r[h]) for h in table[0]) + " |" for r in table]
+    lines += ["", *(f"* {note}" for note in notes)] if notes else []
     return "\n".join(lines) + "\n"
 
 
@@ -217,9 +275,13 @@ document.querySelectorAll("th").forEach((th, col) => th.addEventListener("click"
 """
 
 
-def write_html(table, runs: list[Run], root: Path, plot_png: Path, path: Path) -> None:
-    """One self-contained page: the sortable table, the plots, each run's last grids."""
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in table[0])
+def write_html(
+    table, runs: list[Run], root: Path, plot_png: Path, path: Path, notes: list[str] = ()
+) -> None:
+    """One self-contained page: the sortable table (and its notes), the plots, each run's
+    last grids."""
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in _headers(table, notes))
+    note_html = "".join(f'<p class="note">* {html.escape(n)}</p>' for n in notes)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_cell(r[h]))}</td>" for h in table[0]) + "</tr>"
         for r in table
@@ -247,9 +309,10 @@ th {{ cursor: pointer; background: #eee; }} td {{ text-align: right; }}
 .run {{ display: inline-block; vertical-align: top; margin: 0.5em; }}
 figure {{ display: inline-block; margin: 0.3em; }} img {{ image-rendering: pixelated; }}
 #plots {{ max-width: 100%; image-rendering: auto; }}
+.note {{ color: #a00; max-width: 60em; }}
 </style></head><body>
 <h1>Comparison of {len(runs)} runs</h1><p>{html.escape(str(root))} (click a column to sort)</p>
-<table id="runs"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>
+<table id="runs"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>{note_html}
 <h2>Plots</h2><img id="plots" src="{_data_uri(plot_png)}" alt="validation plots">
 <h2>Last grids of each run</h2>{"".join(cards)}
 <script>{SORT_SCRIPT}</script></body></html>
@@ -276,11 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     swept = swept_keys(runs)
     table = sort_rows(rows(runs, swept, root), args.sort)
+    notes = comparability_notes(runs)
     write_csv(table, out / "comparison.csv")
-    (out / "comparison.md").write_text(markdown(table))
+    (out / "comparison.md").write_text(markdown(table, notes))
     plot(runs, swept, out / "comparison.png")
-    write_html(table, runs, root, out / "comparison.png", out / "comparison.html")
-    print(markdown(table))
+    write_html(table, runs, root, out / "comparison.png", out / "comparison.html", notes)
+    print(markdown(table, notes))
     print(f"wrote comparison.csv, .md, .png and .html in {out}")
     offline = sorted(p for r in runs for p in r.path.glob("wandb/offline-run-*"))
     if offline:

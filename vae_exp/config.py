@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
 import re
 import secrets
 from collections.abc import Mapping
@@ -20,11 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-# conf/config.yaml's ${sweep_id:}: a short random id, the same for every job of one sweep
-# (resolver results are cached with the config and Hydra copies that cache to each job); it
-# keeps the folders and W&B groups of two sweeps started in the same second apart.
-if not OmegaConf.has_resolver("sweep_id"):
-    OmegaConf.register_new_resolver("sweep_id", lambda: secrets.token_hex(3), use_cache=True)
+# conf/config.yaml's ${sweep_id:} and ${run_id:}: a short random id, the same for every job of
+# one sweep (resolver results are cached with the config and Hydra copies that cache to each
+# job); it keeps the folders and W&B groups of two sweeps (or single runs) started in the same
+# second apart.
+for _name in ("sweep_id", "run_id"):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, lambda: secrets.token_hex(3), use_cache=True)
 
 
 class ConfigError(ValueError):
@@ -34,7 +37,7 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class DataConfig:
     name: str
-    root: str
+    root: str | None  # null: ./data, then the system folders (vae_exp.data.data_root)
     image_size: int
     channels: int
     batch_size: int
@@ -89,13 +92,45 @@ class EvalConfig:
     """The `eval` section: the evaluation on the test split (vae_exp.evaluate)."""
 
     enabled: bool = True  # evaluate the final model when training ends
-    k: int = 1000  # importance samples per image for log p(x)
+    k: int | str = "auto"  # importance samples per image for log p(x); auto: 1000 on CUDA
     chunk: int = 100  # samples decoded at once per image (memory: chunk x batch images)
     split: str = "test"
     limit: int | None = None  # first N images of the split (null: all)
     batch_size: int = 64
     sigma: float | str = "implied"  # Gaussian decoder std for mse_kld: implied | a number
     seed: int = 0
+
+
+# The top level of a composed config: the config groups that hold settings, and `eval`
+# (plus Hydra's own `hydra`, where a config still has it).
+TOP_LEVEL_KEYS = ("model", "data", "optim", "loss", "trainer", "logger", "eval")
+
+
+def check_top_level_keys(cfg: Mapping) -> None:
+    """Only the known top-level keys: `+epochs=50` is an error, not a silently ignored key."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg)  # unresolved: only the keys are read
+    for key in cfg:
+        if key not in (*TOP_LEVEL_KEYS, "hydra"):
+            known = {k: v for k, v in cfg.items() if k in TOP_LEVEL_KEYS}
+            nested = _paths_of(key, known)
+            hint = f" (did you mean {' or '.join(nested)}?)" if nested else ""
+            raise ConfigError(
+                f"Invalid config: unknown top-level key {key}{hint}; the top-level keys are "
+                f"{', '.join(TOP_LEVEL_KEYS)}."
+            )
+
+
+def _paths_of(key: str, tree: Mapping, prefix: str = "") -> list[str]:
+    """The full paths of `key` anywhere in a nested mapping ("optim.optimizer.lr")."""
+    paths = []
+    for name, value in tree.items():
+        path = f"{prefix}{name}"
+        if name == key:
+            paths.append(path)
+        if isinstance(value, Mapping):
+            paths += _paths_of(key, value, path + ".")
+    return paths
 
 
 def one_line(error: BaseException) -> str:
@@ -138,6 +173,13 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+SEED_LIMIT = 2**63  # torch seeds are < 2**64; trainer.seed + an offset (step, rank) stays below
+
+
+def _check_seed(value: Any, key: str) -> None:
+    _check(_is_int(value) and 0 <= value < SEED_LIMIT, key, value, "an integer in [0, 2**63)")
+
+
 def _check_ints(obj: Any, prefix: str, minimums: dict[str, int]) -> None:
     """Each named field of `obj` must be an integer >= its minimum."""
     for name, minimum in minimums.items():
@@ -161,7 +203,13 @@ def read_data(section: Mapping) -> DataConfig:
 
     d = _read(DataConfig, section, "data")
     _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
-    _check(isinstance(d.root, str) and d.root != "", "data.root", d.root, "a folder path")
+    _check(
+        (isinstance(d.root, str) and d.root not in ("", "???"))  # ???: not given (folder)
+        or (d.root is None and d.name != "folder"),
+        "data.root",
+        d.root,
+        "a folder path, or null (./data, then the system folders; not for data=folder)",
+    )
     _check_ints(d, "data", {"image_size": 1, "batch_size": 1, "num_workers": 0})
     _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
     _check_bools(d, "data", ("download",))
@@ -198,7 +246,7 @@ def read_data(section: Mapping) -> DataConfig:
             "false (a folder of images cannot be downloaded)",
         )
         _check(
-            isinstance(d.val_fraction, float | int) and 0 < d.val_fraction <= 0.5,
+            _is_number(d.val_fraction) and 0 < d.val_fraction <= 0.5,
             "data.val_fraction",
             d.val_fraction,
             "a number in (0, 0.5]",
@@ -229,7 +277,7 @@ def read_trainer(section: Mapping) -> TrainerConfig:
         t.device,
         "auto | cpu | cuda | cuda:N | mps",
     )
-    _check(_is_int(t.seed), "trainer.seed", t.seed, "an integer")
+    _check_seed(t.seed, "trainer.seed")
     _check(
         t.resume is None or (isinstance(t.resume, str) and t.resume != ""),
         "trainer.resume",
@@ -260,7 +308,13 @@ def read_eval(section: Mapping | None) -> EvalConfig:
 
     e = _read(EvalConfig, section if section is not None else {}, "eval")
     _check_bools(e, "eval", ("enabled",))
-    _check_ints(e, "eval", {"k": 1, "chunk": 1, "batch_size": 1})
+    _check(
+        e.k == "auto" or (_is_int(e.k) and e.k >= 1),
+        "eval.k",
+        e.k,
+        "auto (1000 on CUDA, 10 otherwise) | an integer >= 1",
+    )
+    _check_ints(e, "eval", {"chunk": 1, "batch_size": 1})
     _check(e.split in SPLITS, "eval.split", e.split, " | ".join(SPLITS))
     _check(
         e.limit is None or (_is_int(e.limit) and e.limit >= 1),
@@ -272,9 +326,9 @@ def read_eval(section: Mapping | None) -> EvalConfig:
         e.sigma == "implied" or (_is_number(e.sigma) and e.sigma > 0),
         "eval.sigma",
         e.sigma,
-        "implied | a number > 0 (the Gaussian decoder's std)",
+        "implied | a finite number > 0 (the Gaussian decoder's std)",
     )
-    _check(_is_int(e.seed), "eval.seed", e.seed, "an integer")
+    _check_seed(e.seed, "eval.seed")
     return e
 
 
@@ -307,7 +361,7 @@ def read_logger(section: Mapping) -> LoggerConfig:
         _is_number(lg.init_timeout) and lg.init_timeout > 0,
         "logger.init_timeout",
         lg.init_timeout,
-        "seconds > 0",
+        "a finite number of seconds > 0",
     )
     return lg
 
@@ -364,9 +418,9 @@ def check_optimizer(section: DictConfig) -> None:
             f"{', '.join(OPTIM_KEYS)} (optimizer settings go under optim.optimizer)."
         )
     lr = section.optimizer.get("lr")
-    _check(_is_number(lr) and lr > 0, "optim.optimizer.lr", lr, "a number > 0")
+    _check(_is_number(lr) and lr > 0, "optim.optimizer.lr", lr, "a finite number > 0")
     wd = section.optimizer.get("weight_decay", 0.0)
-    _check(_is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a number >= 0")
+    _check(_is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a finite number >= 0")
     fused = section.optimizer.get("fused")
     _check(
         fused is None or isinstance(fused, bool),
@@ -377,7 +431,8 @@ def check_optimizer(section: DictConfig) -> None:
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, float | int) and not isinstance(v, bool)
+    """A finite int or float: not a bool, nan or inf (Hydra reads `inf` and `nan` as floats)."""
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def check_model_matches_data(model: DictConfig, data: DataConfig) -> None:

@@ -31,7 +31,9 @@ import hashlib
 import logging
 import math
 import pickle
+import shutil
 import struct
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,13 @@ SPLITS = ("train", "test")
 BINARIZE = ("none", "dynamic", "static")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-# Where IDX files may live, relative to data.root, and absolute system folders.
+# data.root=null: look under ./data (where downloads go), then in the system folders. Runs
+# made before null existed saved root: data, which meant the same and is read as null.
+DEFAULT_ROOT = Path("data")
+LEGACY_DEFAULT_ROOT = "data"
+
+# Where IDX files may live, relative to data.root, and absolute system folders (searched only
+# when data.root is null).
 IDX_LAYOUT = {
     "mnist": {"subdirs": ["MNIST/raw", "MNIST", "mnist", "."], "system": []},
     "fashion_mnist": {
@@ -73,9 +81,18 @@ class DataNotFoundError(ConfigError):
 
 def read_idx(path: Path) -> np.ndarray:
     """Read an IDX file (optionally gzipped) of unsigned bytes into an array of its shape."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise ConfigError(
+                f"{path} is truncated or corrupt: it does not decompress as gzip "
+                f"({one_line(e)}). Fix: delete it and download it again (data.download=true), "
+                "or replace it with a good copy."
+            ) from e
+    else:
+        raw = path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ConfigError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
     ndim = raw[3]
@@ -100,24 +117,31 @@ def _find_idx(dirs: Sequence[Path], stem: str) -> Path | None:
 
 
 def load_idx_split(
-    name: str, root: Path, split: str, download: bool
+    name: str, root: Path | None, split: str, download: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 28, 28) and labels (N,) of one split, from files found under root or the
-    system folders; downloads with torchvision when missing and download is true. A split loads
-    whenever its own two files exist, whatever the other split's state."""
+    """Images (N, 28, 28) and labels (N,) of one split, from files found under root, or with
+    root None under ./data, then in the system folders; downloads with torchvision (into root,
+    or ./data) when missing and download is true. A split loads whenever its own two files
+    exist, whatever the other split's state. Logs the files read."""
     layout = IDX_LAYOUT[name]
-    dirs = [root / s for s in layout["subdirs"]] + [Path(p) for p in layout["system"]]
+    base = (root or DEFAULT_ROOT).absolute()
+    dirs = [base / s for s in layout["subdirs"]]
+    if root is None:
+        dirs += [Path(p) for p in layout["system"]]
     stems = [f"{IDX_PREFIX[split]}-images-idx3-ubyte", f"{IDX_PREFIX[split]}-labels-idx1-ubyte"]
     found = [_find_idx(dirs, s) for s in stems]
-    download_error = ""
+    download_error = downloaded = ""
     if None in found and download:
-        try:
-            _torchvision_download(name, root)
-        except Exception as e:  # network errors come in many types; report, don't crash
-            download_error = f" Download with torchvision failed: {one_line(e)}."
+        cls = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}[name]
+        download_error = download_with_torchvision(cls, root, train=True)
+        downloaded = "" if download_error else f"downloaded by torchvision into {base}; "
         found = [_find_idx(dirs, s) for s in stems]
     if None in found:
-        hint = "apt-get install dataset-fashion-mnist, or " if name == "fashion_mnist" else ""
+        hint = ""
+        if name == "fashion_mnist":
+            hint = "apt-get install dataset-fashion-mnist" + (
+                ", or " if root is None else " and leave data.root null, or "
+            )
         raise DataNotFoundError(
             f"data={name}: the {split} split was not found. Looked for {stems[0]}[.gz] and "
             f"{stems[1]}[.gz] in: {', '.join(str(d) for d in dirs)}.{download_error} "
@@ -125,6 +149,7 @@ def load_idx_split(
             + ("" if download else ", or set data.download=true to fetch them")
             + ", or train / validate on another split (data.train_split, data.val_split)."
         )
+    log.info("data=%s %s split: %sread %s and %s", name, split, downloaded, *found)
     images, labels = (read_idx(p) for p in found)
     if images.ndim != 3:
         raise ConfigError(
@@ -139,28 +164,73 @@ def load_idx_split(
     return images, labels
 
 
-def _torchvision_download(name: str, root: Path) -> None:
+def download_with_torchvision(dataset: str, root: Path | None, train: bool) -> str:
+    """Download torchvision's `dataset` (a class of torchvision.datasets) into root (None:
+    ./data), creating it; returns "" or, when the download fails, a sentence saying so, and
+    removes the folders it created if they stayed empty."""
     from torchvision import datasets
 
-    cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[name]
-    root.mkdir(parents=True, exist_ok=True)
-    cls(str(root), train=True, download=True)
+    target = (root or DEFAULT_ROOT).absolute()
+    created = outermost_missing(target)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        getattr(datasets, dataset)(str(target), train=train, download=True)
+    except Exception as e:  # network errors come in many types; report, don't crash
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)
+        key = f"data.root={root}" if root is not None else f"{target} (data.root=null)"
+        return f" Download with torchvision into {key} failed: {one_line(e)}."
+    return ""
 
 
-def load_cifar10_split(root: Path, split: str, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 32, 32, 3) and labels of a CIFAR-10 split from root/cifar-10-batches-py."""
-    folder = root / "cifar-10-batches-py"
+def outermost_missing(path: Path) -> Path | None:
+    """The outermost folder on `path` that does not exist yet; None when path exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+class CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR-10's python batches hold: dicts, lists, strings, numbers and
+    numpy arrays. Any other global (a crafted file could name os.system) is refused before it
+    is looked up, so no code from the file runs."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),  # numpy arrays, as numpy 1.x pickles them
+        ("numpy._core.multiarray", "_reconstruct"),  # ... and numpy 2.x
+        ("numpy.core.numeric", "_frombuffer"),  # arrays in pickle protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in protocol-2 pickles written by Python 3
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR-10 batch never holds (only numpy "
+                "arrays, lists and strings), so it was not loaded (a crafted pickle can run "
+                "code this way)"
+            )
+        return super().find_class(module, name)
+
+
+def load_cifar10_split(
+    root: Path | None, split: str, download: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 32, 32, 3) and labels of a CIFAR-10 split from root/cifar-10-batches-py
+    (root None: ./data), read with `CifarUnpickler`. Logs the files read."""
+    base = (root or DEFAULT_ROOT).absolute()
+    folder = base / "cifar-10-batches-py"
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if not (folder / n).is_file()]
-    download_error = ""
+    download_error = downloaded = ""
     if missing and download:
-        try:
-            from torchvision import datasets
-
-            root.mkdir(parents=True, exist_ok=True)
-            datasets.CIFAR10(str(root), train=split == "train", download=True)
-        except Exception as e:
-            download_error = f" Download with torchvision failed: {one_line(e)}."
+        download_error = download_with_torchvision("CIFAR10", root, train=split == "train")
+        downloaded = "" if download_error else f"downloaded by torchvision into {base}; "
         missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataNotFoundError(
@@ -169,11 +239,12 @@ def load_cifar10_split(root: Path, split: str, download: bool) -> tuple[np.ndarr
             "cifar-10-batches-py/"
             + ("." if download else ", or set data.download=true to fetch it.")
         )
+    log.info("data=cifar10 %s split: %sread %s in %s", split, downloaded, ", ".join(names), folder)
     images, labels = [], []
     for n in names:
         try:
             with open(folder / n, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+                batch = CifarUnpickler(f, encoding="latin1").load()
             rows = np.asarray(batch["data"], dtype=np.uint8)
             batch_labels = np.asarray(batch["labels"], dtype=np.int64)
         except Exception as e:
@@ -190,8 +261,6 @@ def load_cifar10_split(root: Path, split: str, download: bool) -> tuple[np.ndarr
 
 def list_folder_split(root: Path, split: str, val_fraction: float) -> tuple[list[Path], list[int]]:
     """Image files of one split of a folder, and labels from their class subfolder (sorted)."""
-    if not root.is_dir():
-        raise DataNotFoundError(f"data=folder: data.root={root} is not a directory.")
     split_dirs = {"train": ["train"], "test": ["test", "val"]}[split]
     split_root = next((root / d for d in split_dirs if (root / d).is_dir()), None)
     base = split_root or root
@@ -204,6 +273,7 @@ def list_folder_split(root: Path, split: str, val_fraction: float) -> tuple[list
             f"data=folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) for the {split} split "
             f"under {base}. Fix: point data.root at a folder of images."
         )
+    log.info("data=folder %s split: %d images under %s", split, len(files), base)
     parts = [p.relative_to(base).parts for p in files]
     classes = sorted({q[0] for q in parts if len(q) > 1})
     index = {c: i for i, c in enumerate(classes)}
@@ -525,7 +595,7 @@ def split_batches(
 ) -> Batches:
     """The batches of one split in a `role`: "train" (shuffled by `generator`; binarized as
     data.binarize says) or "val" (in order; a binarized split is one fixed draw)."""
-    dataset = load_split(cfg, Path(str(cfg.root)).expanduser(), split)
+    dataset = load_split(cfg, split)
     shuffle = role == "train"
     mode = cfg.binarize if role == "train" or cfg.binarize == "none" else "static"
     if mode == "static":
@@ -560,9 +630,27 @@ def split_batches(
     )
 
 
-def load_split(cfg, root: Path, split: str) -> TensorDataset | ImageFiles:
+def data_root(cfg) -> Path | None:
+    """The folder data.root names, or None for the default places (data.root null: ./data,
+    then the system folders). A folder that is named must exist, unless data.download is true:
+    the download then creates it."""
+    if cfg.root is None or cfg.root == LEGACY_DEFAULT_ROOT:
+        return None
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir() and not cfg.download:
+        default = "" if cfg.name == "folder" else ", or null (./data, then the system folders)"
+        fetch = "" if cfg.name == "folder" else ", or set data.download=true to download there"
+        raise DataNotFoundError(
+            f"Invalid config: data.root={root} is not a directory; allowed: an existing "
+            f"folder{default}. Fix: point data.root at the folder that holds the data{fetch}."
+        )
+    return root
+
+
+def load_split(cfg, split: str) -> TensorDataset | ImageFiles:
     """One split, limited to its first `cfg.limit` images: decoded and resized (in memory)
     for IDX and CIFAR-10 files, a lazy list of files for folders."""
+    root = data_root(cfg)
     if cfg.name == "folder":
         files, labels = list_folder_split(root, split, cfg.val_fraction)
         limit = cfg.limit or len(files)

@@ -1,7 +1,8 @@
 """Stopping cleanly on SIGTERM / SIGINT / SIGUSR2 (cluster preemption, Ctrl-C): the loop
-finishes its current step, writes a checkpoint and exits non-zero; a second Ctrl-C stops at
-once. SIGUSR2 is what submitit sends before a SLURM preemption or time-out: after the
-checkpoint, submitit's own handler then requeues the job (which resumes with
+finishes its current step, writes a checkpoint and exits non-zero; the final evaluation (and
+`python -m vae_exp.evaluate`) stops between two chunks of samples, writing nothing; a second
+Ctrl-C stops at once. SIGUSR2 is what submitit sends before a SLURM preemption or time-out:
+after the checkpoint, submitit's own handler then requeues the job (which resumes with
 `trainer.resume=auto`)."""
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from types import FrameType
 
 class StopRequest:
     """While active (a `with` block in the main thread), records the first caught signal in
-    `signal_name` instead of dying; the training loop checks it after every step."""
+    `signal_name` instead of dying; the training loop checks it after every step, the
+    evaluation before every chunk of importance samples."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 

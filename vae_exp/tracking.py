@@ -18,6 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from vae_exp.checkpoint import how_to_go_on, write_failure
 from vae_exp.config import LoggerConfig, one_line
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ def wandb_credentials_found() -> bool:
 
 
 def wandb_mode(configured: str) -> str | None:
-    """The mode to pass to wandb.init: None when WANDB_MODE is set (it wins), else the
-    configured one, with auto = online if credentials exist, otherwise offline."""
+    """The mode to pass to wandb.init: None when WANDB_MODE is set (it wins; set but empty
+    counts as unset), else the configured one, with auto = online if credentials exist,
+    otherwise offline."""
     if os.environ.get("WANDB_MODE"):
         return None
     if configured != "auto":
@@ -103,7 +105,10 @@ class Tracker:
         self.write = write
         self.metrics_path = run_dir / "metrics.jsonl"
         if write:
-            self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history or []))
+            try:
+                self.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history or []))
+            except OSError as e:
+                raise self._write_failure("metrics", self.metrics_path, e) from None
         self.logger = logger
         self.labels = labels or RunLabels()
         self.wandb_run = None
@@ -111,6 +116,9 @@ class Tracker:
             self.wandb_run = self._start_wandb(config, wandb_id)
 
     def _start_wandb(self, config: dict[str, Any], wandb_id: str | None):
+        # WANDB_MODE= (set but empty) means unset here; wandb would reject "" as a mode.
+        if os.environ.get("WANDB_MODE") == "":
+            del os.environ["WANDB_MODE"]
         import wandb
 
         self.wandb = wandb
@@ -134,6 +142,10 @@ class Tracker:
         attempts = [mode] if effective == "offline" else [mode, "offline"]
         for n, attempt in enumerate(attempts, start=1):
             try:
+                # No "viewer" query (the account name for wandb's "logged in as" line): wandb
+                # makes it twice per init, outside init_timeout, each waiting up to 5 s for an
+                # unreachable server; without it, falling back costs init_timeout + about 1 s.
+                wandb.setup(settings=wandb.Settings(x_disable_viewer=True))
                 run = wandb.init(mode=attempt, **init)
                 # x-axes: training terms against the optimizer step, epoch values against the
                 # epoch (W&B's own _step counts log calls, so a resumed run never goes back).
@@ -156,6 +168,10 @@ class Tracker:
                 Path(run.dir).parent,
             )
         return run
+
+    def _write_failure(self, what: str, path: Path, error: OSError) -> Exception:
+        """A run file that could not be written: one paragraph naming it (OutputError)."""
+        return write_failure(what, path, error, how_to_go_on(self.run_dir))
 
     @property
     def wandb_id(self) -> str | None:
@@ -182,16 +198,22 @@ class Tracker:
         and a value logged at the same step would overwrite it)."""
         if not self.write:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        try:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        except OSError as e:
+            raise self._write_failure("metrics", self.metrics_path, e) from None
         renamed = {k.replace("train/", "train_epoch/", 1): v for k, v in metrics.items()}
         self._wandb("log", renamed)
 
     def log_image(self, epoch: int, name: str, grid: np.ndarray) -> Path:
         """Save `grid` as <run_dir>/<name>/epoch_NNN.png and log it to W&B as `name`."""
         path = self.run_dir / name / f"epoch_{epoch:03d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(grid).save(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(grid).save(path)
+        except OSError as e:
+            raise self._write_failure("image", path, e) from None
         if self.wandb_run is not None and self.logger.log_images:
             try:
                 image = self.wandb.Image(grid, caption=f"epoch {epoch}")

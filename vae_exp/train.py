@@ -17,9 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from vae_exp.checkpoint import (
+    claim_run_dir,
     config_differences,
     find_resume_checkpoint,
     load_checkpoint,
+    release_run_dir,
     restore_rng,
     rng_state,
     save_checkpoint,
@@ -36,7 +38,7 @@ from vae_exp.config import (
 )
 from vae_exp.data import Batches, build_data
 from vae_exp.distributed import Cluster, start_cluster
-from vae_exp.evaluate import flat_metrics, read_eval, run_evaluation
+from vae_exp.evaluate import EvaluationStopped, flat_metrics, read_eval, run_evaluation
 from vae_exp.losses import VAELoss
 from vae_exp.models import VAE
 from vae_exp.preemption import StopRequest
@@ -239,6 +241,48 @@ def careful_step(model, loss_fn, optimizer, x, y, pos: Position, trainer: Traine
     return None
 
 
+def stopped(last_good: Path | None) -> str:
+    """The end of a NonFiniteLoss message: what is kept."""
+    kept = (
+        f"The last good checkpoint is kept: {last_good}."
+        if last_good is not None
+        else "No checkpoint had been written yet."
+    )
+    return f"Training stopped. {kept}"
+
+
+def check_epoch(
+    epoch: int,
+    pos: Position,
+    num_batches: int,
+    val_terms: dict[str, float],
+    trainer: TrainerConfig,
+    last_good: Path | None,
+) -> None:
+    """Before an epoch is logged or saved: it must have taken a step (trainer.skip_nonfinite
+    may have skipped them all) and its validation loss must be finite; otherwise the run stops
+    (NonFiniteLoss) and neither metrics.jsonl nor the checkpoints get this epoch."""
+    if pos.epoch_steps == 0:
+        problem = (
+            f"Epoch {epoch} took no training step: all {num_batches} of its steps had a "
+            f"non-finite loss or gradient and were skipped (trainer.skip_nonfinite="
+            f"{trainer.skip_nonfinite}; {pos.skipped} skipped in all), so the weights did not "
+            "change."
+        )
+    elif not math.isfinite(val_terms["loss"]):
+        values = ", ".join(f"{k}={v:.6g}" for k, v in val_terms.items())
+        problem = (
+            f"Epoch {epoch} ended with a non-finite validation loss ({values}): the weights "
+            f"diverged ({pos.skipped} non-finite steps skipped so far)."
+        )
+    else:
+        return
+    raise NonFiniteLoss(
+        f"{problem} {stopped(last_good)} Lower optim.optimizer.lr (or the growth of the "
+        "learning-rate schedule, optim.scheduler); skipping more steps cannot help."
+    )
+
+
 def describe(terms: dict[str, torch.Tensor]) -> str:
     return ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in terms.items())
 
@@ -358,6 +402,31 @@ def resume_from(
     return pos, state.get("wandb_id"), history
 
 
+def check_batch_norm(
+    model: torch.nn.Module, batch_size: int, limit: int | None, train_images: int | None = None
+) -> None:
+    """BatchNorm cannot train on a batch of one image: a model with BatchNorm layers needs
+    data.batch_size >= 2 and a training split of >= 2 images (`train_images`, once loaded)."""
+    if not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return
+    why = f"{type(model).__name__} has BatchNorm layers, which cannot train on a batch of one image"
+    if batch_size < 2:
+        raise ConfigError(
+            f"Invalid config: data.batch_size={batch_size} but {why}; allowed: data.batch_size "
+            ">= 2 for this model (or a model without BatchNorm, such as model=mlp_vae)."
+        )
+    if limit is not None and limit < 2:
+        raise ConfigError(
+            f"Invalid config: data.limit={limit} leaves one training image but {why}; allowed: "
+            "data.limit >= 2 (or null) for this model."
+        )
+    if train_images is not None and train_images < 2:
+        raise ConfigError(
+            f"Invalid config: the training split holds {train_images} image(s) but {why}; "
+            "allowed: a training split (data.root, data.train_split) of >= 2 images."
+        )
+
+
 def check_labels(data, num_classes: int) -> None:
     """A conditional model needs every label in [0, num_classes): checked once, here."""
     if not num_classes:
@@ -445,8 +514,12 @@ def run(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
     with StopRequest() as stop:
         cluster, device = start_cluster(str(cfg.trainer.get("device", "auto")))
         try:
+            if cluster.is_main:  # one run per folder (rank 0 alone writes files)
+                claim_run_dir(run_dir)
             return _run(cfg, run_dir, labels, stop, cluster, device)
         finally:
+            if cluster.is_main:
+                release_run_dir(run_dir)
             cluster.close()
 
 
@@ -488,6 +561,7 @@ def _run(
             f"Invalid config: trainer.skip_nonfinite={trainer.skip_nonfinite} with torchrun; "
             "allowed: 0 (processes cannot skip a step on their own under DDP)."
         )
+    check_batch_norm(model, data_cfg.batch_size, data_cfg.limit)
     data = build_data(data_cfg, loss_fn.pixel_range, device, trainer.seed)
     if data.val.num_examples < cluster.world_size:
         raise ConfigError(
@@ -495,6 +569,7 @@ def _run(
             f"{cluster.world_size} processes; allowed: at least one image per process."
         )
     check_labels(data, model.num_classes)
+    check_batch_norm(model, data_cfg.batch_size, data_cfg.limit, data.train.num_examples)
     data.train.shard(cluster.rank, cluster.world_size)
     data.val.shard(cluster.rank, cluster.world_size)
 
@@ -569,12 +644,7 @@ def _run(
                             cluster,
                         )
                     except NonFiniteLoss as e:
-                        kept = (
-                            f"The last good checkpoint is kept: {last_good}."
-                            if last_good is not None
-                            else "No checkpoint had been written yet."
-                        )
-                        raise NonFiniteLoss(f"{e} Training stopped. {kept}") from None
+                        raise NonFiniteLoss(f"{e} {stopped(last_good)}") from None
             if cluster.any(stop.signal_name is not None, device):  # during or before the epoch
                 state = checkpoint_state(
                     model, optimizer, scheduler, pos, config, None, data, tracker, loss_fn
@@ -604,6 +674,7 @@ def _run(
                 trainer.channels_last,
                 cluster,
             )
+            check_epoch(epoch, pos, len(data.train), val_terms, trainer, last_good)
             lr = optimizer.param_groups[0]["lr"]
             if scheduler is not None:
                 scheduler.step()
@@ -665,7 +736,25 @@ def _run(
             }
         )
         if eval_settings.enabled and cluster.is_main:
-            results = run_evaluation(model, loss_fn, cfg, eval_settings, run_dir, pos.epoch)
+            try:
+                results = run_evaluation(
+                    model,
+                    loss_fn,
+                    cfg,
+                    eval_settings,
+                    run_dir,
+                    pos.epoch,
+                    stop=stop,
+                    progress=trainer.progress,
+                    final=True,
+                    source=f"the final model (epoch {pos.epoch})",
+                )
+            except EvaluationStopped as e:  # not handed to submitit: a requeue would retrain
+                raise Preempted(
+                    f"{e}. Training is complete and its checkpoints are kept ({checkpoints}). "
+                    f"Evaluate later with: python -m vae_exp.evaluate {run_dir}",
+                    e.signal_number,
+                ) from None
             tracker.summarize(flat_metrics(results))
     except BaseException as e:
         tracker.finish(exit_code=getattr(e, "exit_code", 1), preempted=isinstance(e, Preempted))
