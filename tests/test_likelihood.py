@@ -14,6 +14,7 @@ from vae_exp.likelihood import (
     LIKELIHOODS,
     active_units,
     elbo_parts,
+    gaussian_kld,
     implied_gaussian_sigma,
     importance_sampled_log_likelihood,
     kl_per_dim,
@@ -22,7 +23,6 @@ from vae_exp.likelihood import (
     log_px_given_z,
     log_standard_normal,
 )
-from vae_exp.losses import gaussian_kld
 from vae_exp.models import ConvVAE
 from vae_exp.models.base import VAE, Posterior
 

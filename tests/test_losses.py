@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from vae_exp.losses import BCEKLD, MSEKLD, gaussian_kld
+from vae_exp.likelihood import gaussian_kld
+from vae_exp.losses import BCEKLD, MSEKLD
 from vae_exp.models import VAEOutput
 
 

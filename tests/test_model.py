@@ -6,7 +6,7 @@ import torch
 from tests.conftest import compose_cfg
 from vae_exp.data import load_idx_split, normalize, prepare_images
 from vae_exp.losses import BCEKLD, MSEKLD
-from vae_exp.models import MLPVAE, ConditionalConvVAE, ConvVAE, VAEOutput, class_grid_labels
+from vae_exp.models import MLPVAE, ConditionalConvVAE, ConvVAE, VAEOutput
 
 
 @pytest.mark.parametrize(
@@ -154,16 +154,23 @@ def test_conditional_decoder_depends_on_the_label():
 
 
 def test_conditional_samples_per_class():
-    labels = class_grid_labels(3, 2)
-    assert labels.tolist() == [0, 0, 1, 1, 2, 2] and labels.dtype == torch.int64
     model = small_cvae(num_classes=3, decoder_output="logits").eval()
-    g = torch.Generator().manual_seed(0)
-    images = model.sample(6, generator=g, y=labels)
+    images = model.class_grid(2, torch.Generator().manual_seed(0))
     assert images.shape == (6, 1, 28, 28) and images.min() >= 0 and images.max() <= 1
-    zeros = model.sample(6, torch.Generator().manual_seed(0), y=torch.zeros(6, dtype=torch.long))
+    zeros = model.sample(2, torch.Generator().manual_seed(0), y=torch.zeros(2, dtype=torch.long))
     # the same noise: the same images for the class-0 row, other images for the other classes
-    assert torch.allclose(zeros[:2], images[:2], atol=1e-6)
-    assert not torch.allclose(zeros[2:4], images[2:4]) and not torch.allclose(zeros[4:], images[4:])
+    assert torch.allclose(zeros, images[:2], atol=1e-6)
+    assert not torch.allclose(images[2:4], images[:2])
+    assert not torch.allclose(images[4:], images[:2])
+    twos = model.sample(2, torch.Generator().manual_seed(0), y=torch.full((2,), 2))
+    assert torch.allclose(twos, images[4:], atol=1e-6)  # class-major: rows 0, 1, 2
+
+
+def test_reconstruct_decodes_the_posterior_mean():
+    model = small_cvae(num_classes=3, decoder_output="logits").eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 2, 0])
+    expected = torch.sigmoid(model.decode(model.encode(x, y).mu, y))
+    assert torch.allclose(model.reconstruct(x, y), expected)
 
 
 @pytest.mark.parametrize(

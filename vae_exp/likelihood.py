@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vae_exp.losses import gaussian_kld
 from vae_exp.models.base import VAE
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -37,6 +36,17 @@ def log_normal_diag(z: Tensor, mu: Tensor, log_var: Tensor) -> Tensor:
     """log N(z; mu, diag(exp(log_var))) summed over the last dim: z [..., B, D] with mu, log_var
     [B, D] (a leading sample axis of z broadcasts) -> [..., B]."""
     return -0.5 * (_LOG_2PI + log_var + (z - mu).pow(2) * torch.exp(-log_var)).sum(dim=-1)
+
+
+def kl_per_dim(mu: Tensor, log_var: Tensor) -> Tensor:
+    """KL(N(mu_j, sigma_j^2) || N(0, 1)) of each latent dim j, per example: [B, D] -> [B, D].
+    0.5 * (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1): the one place this formula is written."""
+    return 0.5 * (mu.pow(2) + torch.exp(log_var) - log_var - 1)
+
+
+def gaussian_kld(mu: Tensor, log_var: Tensor) -> Tensor:
+    """KL(N(mu, sigma^2) || N(0, I)), summed over latent dims, one value per example ([B])."""
+    return kl_per_dim(mu, log_var).sum(dim=1)
 
 
 def _check_count(value: object, name: str, meaning: str) -> None:
@@ -162,12 +172,6 @@ def elbo_parts(
     recon_nll = -log_px_given_z(model.decode(z, y), x, likelihood, sigma)
     kl = gaussian_kld(_at_least_fp32(posterior.mu), _at_least_fp32(posterior.log_var))
     return {"recon_nll": recon_nll, "kl": kl, "neg_elbo": recon_nll + kl}
-
-
-def kl_per_dim(mu: Tensor, log_var: Tensor) -> Tensor:
-    """KL(N(mu_j, sigma_j^2) || N(0, 1)) of each latent dim j, per example: [B, D] -> [B, D].
-    Sums over dims to `vae_exp.losses.gaussian_kld`."""
-    return 0.5 * (mu.pow(2) + torch.exp(log_var) - log_var - 1)
 
 
 def active_units(posterior_means: Tensor, threshold: float = 0.01) -> tuple[int, Tensor]:

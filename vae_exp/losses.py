@@ -16,16 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_exp.likelihood import (
+    gaussian_kld,
+    kl_per_dim,
+    log_normal_diag,
+    log_px_given_z,
+    log_standard_normal,
+)
 from vae_exp.models.base import VAEOutput
 
 LossTerms = dict[str, Tensor]
 SCHEDULES = ("constant", "linear", "cyclical")
-
-
-def gaussian_kld(mu: Tensor, log_var: Tensor) -> Tensor:
-    """KL(N(mu, sigma^2) || N(0, I)) = 0.5 * sum_j (mu_j^2 + sigma_j^2 - log sigma_j^2 - 1),
-    summed over latent dims, one value per example (shape [batch])."""
-    return 0.5 * torch.sum(mu**2 + torch.exp(log_var) - log_var - 1, dim=1)
 
 
 def _fail(key: str, value: object, allowed: str) -> ValueError:
@@ -168,7 +169,7 @@ class VAELoss:
 
     def kl_terms(self, mu: Tensor, log_var: Tensor) -> LossTerms:
         """kld (true KL), weighted_kld (the KL part of the loss) and the weight used."""
-        per_dim = 0.5 * (mu**2 + torch.exp(log_var) - log_var - 1)
+        per_dim = kl_per_dim(mu, log_var)
         kld = per_dim.sum(dim=1).mean()
         terms = {"kld": kld}
         regularised = kld
@@ -180,7 +181,7 @@ class VAELoss:
             terms["weighted_kld"] = self.w * (regularised - self.capacity_now).abs()
             terms["kl_weight"] = torch.full_like(kld, self.w)  # a kernel, not a host copy
             return terms
-        if self.schedule.kind == "constant":  # a plain float: the seed's arithmetic exactly
+        if self.schedule.kind == "constant":  # a plain float: the original script's arithmetic
             terms["weighted_kld"] = self.w * regularised
             terms["kl_weight"] = torch.full_like(kld, self.w)
         else:
@@ -196,9 +197,10 @@ class VAELoss:
 
 
 class MSEKLD(VAELoss):
-    """The seed's loss: `F.mse_loss(recon, x)` (mean over batch, channels and pixels) plus
-    w * KLD (sum over latent dims, mean over batch). Data in [-1, 1], decoder ends in Tanh.
-    As a likelihood it is a Gaussian decoder with a fixed variance (see vae_exp.likelihood)."""
+    """The original script's loss: `F.mse_loss(recon, x)` (mean over batch, channels and
+    pixels) plus w * KLD (sum over latent dims, mean over batch). Data in [-1, 1], decoder ends
+    in Tanh. As a likelihood it is a Gaussian decoder with a fixed variance (vae_exp.likelihood).
+    """
 
     decoder_output = "tanh"
     pixel_range = (-1.0, 1.0)
@@ -282,8 +284,6 @@ class IWAELoss(VAELoss):
         self.pixel_range = (0.0, 1.0) if likelihood == "bernoulli" else (-1.0, 1.0)
 
     def __call__(self, out: VAEOutput, x: Tensor) -> LossTerms:
-        from vae_exp.likelihood import log_normal_diag, log_px_given_z, log_standard_normal
-
         recon, z = (out.recon, out.z) if out.z.dim() == 3 else (out.recon[None], out.z[None])
         k = len(z)
         if k != self.samples:

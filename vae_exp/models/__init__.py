@@ -1,7 +1,7 @@
 """VAE models: one interface (`VAE`), shared conv builders, one file per model family."""
 
 from vae_exp.models.base import VAE, Posterior, VAEOutput
-from vae_exp.models.conditional import ConditionalConvVAE, class_grid_labels
+from vae_exp.models.conditional import ConditionalConvVAE
 from vae_exp.models.conv import ConvVAE
 from vae_exp.models.mlp import MLPVAE
 
@@ -12,5 +12,4 @@ __all__ = [
     "ConvVAE",
     "ConditionalConvVAE",
     "MLPVAE",
-    "class_grid_labels",
 ]

@@ -86,16 +86,30 @@ class VAE(nn.Module):
         """Map decoder output to an image in the data's own range (for grids and MSE)."""
         return torch.sigmoid(decoded) if self.decoder_output == "logits" else decoded
 
+    def _prior_draws(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """n draws z ~ N(0, I) on the model's device, made on the generator's device (a CPU
+        generator gives the same draws whatever the model's device)."""
+        device = next(self.parameters()).device
+        where = generator.device if generator is not None else device
+        return torch.randn(n, self.latent_dim, generator=generator, device=where).to(device)
+
     @torch.no_grad()
     def sample(
-        self,
-        n: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | None = None,
-        y: Tensor | None = None,
+        self, n: int, generator: torch.Generator | None = None, y: Tensor | None = None
     ) -> Tensor:
         """Decode n draws from the prior N(0, I) (for class labels `y` if conditional);
         returns images in the data's range."""
-        device = device or next(self.parameters()).device
-        z = torch.randn(n, self.latent_dim, generator=generator, device=device)
+        return self.to_image(self.decode(self._prior_draws(n, generator), y))
+
+    @torch.no_grad()
+    def class_grid(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """A conditional model's samples, class by class: the same n prior draws decoded for
+        each class (n * num_classes images; a grid with n columns has one row per class)."""
+        z = self._prior_draws(n, generator).repeat(self.num_classes, 1)
+        y = torch.arange(self.num_classes, device=z.device).repeat_interleave(n)
         return self.to_image(self.decode(z, y))
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        """Images decoded from the posterior mean of `x` (labels `y` if conditional)."""
+        return self.to_image(self.decode(self.encode(x, y).mu, y))

@@ -12,14 +12,6 @@ from vae_exp.models.base import VAE, Posterior
 from vae_exp.models.conv import check_conv_args, conv_decoder, conv_encoder, is_count
 
 
-def class_grid_labels(
-    num_classes: int, per_class: int, device: torch.device | str | None = None
-) -> Tensor:
-    """Labels [0]*per_class + [1]*per_class + ... (int64): `model.sample(len(labels), y=labels)`
-    then gives one row of `per_class` samples per class in a grid with per_class columns."""
-    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
-
-
 def check_labels(y: Tensor | None, n: int, num_classes: int) -> None:
     """Class labels must be an integer tensor of shape [n] with values in [0, num_classes).
 
@@ -32,7 +24,7 @@ def check_labels(y: Tensor | None, n: int, num_classes: int) -> None:
         raise ValueError(
             f"this conditional model needs class labels y (int64, shape [{n}]; {hint}): "
             "call model(x, y), model.encode(x, y), model.decode(z, y) or "
-            "model.sample(n, y=labels)"
+            "model.sample(n, y=labels) (model.class_grid(n) for a grid)"
         )
     if not isinstance(y, Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool:
         raise ValueError(f"class labels y must be an integer tensor; got {y!r}")

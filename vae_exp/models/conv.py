@@ -1,4 +1,4 @@
-"""The seed's convolutional VAE, built from encoder / decoder builders any conv model can share."""
+"""The original script's conv VAE, from encoder / decoder builders any conv model shares."""
 
 from __future__ import annotations
 
@@ -80,9 +80,9 @@ def conv_decoder(out_channels: int, hidden_dims: Sequence[int], output: str) -> 
 
 
 class ConvVAE(VAE):
-    """Conv VAE of the seed (AntixK/PyTorch-VAE's VanillaVAE) for any image size divisible by
-    2 ** len(hidden_dims). Modules are created in the seed's order, so the same torch seed gives
-    the same initial weights."""
+    """Conv VAE of the original script (AntixK/PyTorch-VAE's VanillaVAE) for any image size
+    divisible by 2 ** len(hidden_dims). Modules are created in the original script's order, so
+    the same random seed gives the same initial weights."""
 
     def __init__(
         self,
