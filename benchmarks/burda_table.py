@@ -312,8 +312,9 @@ def describe_device(device: str, threads: int | None) -> str:
             if ln.startswith("model name")
         ]
         model = names[0] if names else model
-    threads = threads or os.environ.get("OMP_NUM_THREADS")
-    return f"cpu ({model}, {os.cpu_count()} cores{f', {threads} threads' if threads else ''})"
+    n = threads or os.environ.get("OMP_NUM_THREADS")
+    per_job = f", {n} thread{'' if str(n) == '1' else 's'} per job" if n else ""
+    return f"cpu ({model}, {os.cpu_count()} cores{per_job})"
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
@@ -323,7 +324,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Burda et al. 2015, Table 1: MNIST, one stochastic layer (test −log p(x), nats)",
         "",
-        f"Ours: `python benchmarks/burda_table.py {' '.join(sys.argv[1:])}`".rstrip(),
+        f"Ours: `python benchmarks/burda_table.py {' '.join(args.argv)}`".rstrip(),
         f"({datetime.date.today()}; schedule `{args.schedule}`"
         + (f", first {args.epochs} passes only" if args.epochs else "")
         + (f"; first {args.limit:,} images of each split" if args.limit else "")
@@ -353,6 +354,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # for the table's note
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as Ctrl-C does
