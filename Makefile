@@ -2,7 +2,7 @@
 PYTHON ?= python
 ARGS ?=
 
-.PHONY: help install data train sweep evaluate benchmark results test test-all lint format clean
+.PHONY: help install data train sweep evaluate benchmark results burda test test-all lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -28,7 +28,10 @@ benchmark:  ## seconds per epoch: the original loop vs vae_exp's (ARGS="--device
 results:  ## the README's results table: the model zoo on Fashion-MNIST (CPU, ~25 min)
 	bash benchmarks/zoo_fashion_cpu.sh
 
-test:  ## the default test suite, slow-marked tests excluded (~10 min on 2 CPU cores)
+burda:  ## Burda et al. 2015's Table 1 on MNIST (ARGS="--schedule short --device cuda")
+	$(PYTHON) benchmarks/burda_table.py $(ARGS)
+
+test:  ## the default test suite, slow-marked tests excluded (~13 min on 2 CPU cores)
 	$(PYTHON) -m pytest
 
 test-all:  ## every test, slow ones included

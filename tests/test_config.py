@@ -35,9 +35,11 @@ def test_every_group_has_its_options():
     assert options("optim") == ["adam", "adamw", "sgd"]
     assert options("loss") == ["bce_kld", "beta_vae", "beta_vae_capacity", "iwae", "mse_kld"]
     assert options("loss/kl_schedule") == ["constant", "cyclical", "linear"]
-    assert options("experiment") == ["kingma_welling"]
+    assert options("experiment") == ["burda_iwae", "burda_vae", "kingma_welling"]
     assert options("logger") == ["none", "wandb"]
     assert sorted(p.stem for p in (CONF / "optim" / "scheduler").glob("*.yaml")) == [
+        "burda",
+        "burda_short",
         "cosine",
         "step",
     ]
@@ -46,6 +48,8 @@ def test_every_group_has_its_options():
 CASES = [(g, o) for g in GROUPS for o in options(g)] + [
     ("optim/scheduler", "cosine"),
     ("optim/scheduler", "step"),
+    ("optim/scheduler", "burda"),
+    ("optim/scheduler", "burda_short"),
     ("launcher", "joblib"),
     ("launcher", "submitit_local"),
     ("launcher", "slurm"),
@@ -53,6 +57,8 @@ CASES = [(g, o) for g in GROUPS for o in options(g)] + [
     ("loss/kl_schedule", "linear"),
     ("loss/kl_schedule", "cyclical"),
     ("experiment", "kingma_welling"),
+    ("experiment", "burda_vae"),
+    ("experiment", "burda_iwae"),
 ]
 
 
@@ -73,9 +79,9 @@ def test_option_composes_and_builds(group, option, tmp_path):
     x = torch.zeros(2, data.channels, data.image_size, data.image_size)
     y = torch.zeros(2, dtype=torch.long) if model.num_classes else None  # conditional models
     out = model(x, y, samples=loss_fn.samples)
-    assert out.recon.shape == (x.shape if loss_fn.samples == 1 else (5, *x.shape))
+    assert out.recon.shape == (x.shape if loss_fn.samples == 1 else (loss_fn.samples, *x.shape))
     assert {"loss", "recon", "kld", "weighted_kld", "kl_weight"} <= set(loss_fn(out, x))
-    assert (scheduler is not None) == (group == "optim/scheduler")
+    assert (scheduler is not None) == (group == "optim/scheduler" or option.startswith("burda"))
     requeued = group == "launcher" and option != "joblib"  # submitit requeues preempted jobs
     assert (cfg.trainer.resume == "auto") == requeued
     assert optimizer.param_groups[0]["lr"] > 0

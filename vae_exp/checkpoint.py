@@ -336,6 +336,8 @@ ADDED_KEYS = {
     "loss.kl_schedule.kind": "constant",
     "loss.free_bits": 0.0,
     "loss.capacity": None,
+    "loss.bound": "iwae",
+    "model.hidden_dims": None,
 }
 
 
@@ -343,7 +345,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     """Keys (other than RESUMABLE_CHANGES) whose values differ, as 'key: saved -> current'."""
     a, b = flatten(saved), flatten(current)
     for key, value in ADDED_KEYS.items():
-        if key not in a and b.get(key) == value:
+        if key not in a and key in b and b[key] == value:
             a[key] = value
     return [
         f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
