@@ -8,8 +8,8 @@ from torchvision import transforms
 
 from tests.conftest import compose_cfg
 from tests.seed_reference import SeedVAE, seed_loss
+from vae_exp.build import build_model, build_optimizer
 from vae_exp.data import load_idx_split, normalize, prepare_images
-from vae_exp.train import build_model, build_optimizer
 
 
 def test_defaults_are_the_seed_settings():
