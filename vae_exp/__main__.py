@@ -92,6 +92,13 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     try:
         return fit(cfg, Path(hydra_cfg.runtime.output_dir), job_labels(hydra_cfg))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
+        log.error(
+            "Stopped at once by a second Ctrl-C: the current step was not checkpointed; the "
+            "last checkpoint written (if any) is kept in %s.",
+            Path(hydra_cfg.runtime.output_dir) / "checkpoints",
+        )
+        sys.exit(130)
     except (ConfigError, TrainingStopped) as e:
         log.error("%s", e)
         if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(e, Preempted):

@@ -8,6 +8,7 @@ import errno
 import fcntl
 import logging
 import os
+import shlex
 import socket
 import sys
 import tempfile
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -171,6 +173,17 @@ def how_to_go_on(run_dir: Path) -> str:
     last = run_dir / "checkpoints" / "last.pt"
     then = f"continue with trainer.resume={last}" if last.is_file() else "start the run again"
     return f"Training stopped. Make room (or make the folder writable), then {then}."
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in `run_dir`: its own overrides (from
+    .hydra/overrides.yaml, where Hydra wrote them) and trainer.resume=<run_dir>."""
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        overrides = []
+    kept = [str(o) for o in overrides if not str(o).startswith("trainer.resume=")]
+    return shlex.join(["python", "-m", "vae_exp", *kept, f"trainer.resume={run_dir}"])
 
 
 @contextmanager

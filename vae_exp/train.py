@@ -20,7 +20,7 @@ from vae_exp.checkpoint import Position, checkpoint_state, resume_or_start, save
 from vae_exp.config import read_trainer
 from vae_exp.distributed import start_cluster
 from vae_exp.evaluate import EvaluationStopped, flat_metrics, run_evaluation, sample_grids
-from vae_exp.outputs import claimed
+from vae_exp.outputs import claimed, resume_command
 from vae_exp.preemption import StopRequest
 from vae_exp.steps import Step, forward_loss, make_step
 from vae_exp.tracking import RunLabels, Tracker
@@ -260,7 +260,7 @@ def save_and_stop(
     stop.hand_over()  # under submitit (SIGUSR2): requeue this job, then exit
     raise Preempted(
         f"Stopped by {stop.signal_name} in epoch {pos.epoch + 1} after step {pos.step}; "
-        f"checkpoint {last} holds that step. Continue with trainer.resume={run_dir}",
+        f"checkpoint {last} holds that step. Continue with: {resume_command(run_dir)}",
         signal_number,
     )
 
