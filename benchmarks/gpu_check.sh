@@ -1,27 +1,68 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 4 in one call of the device tool (about 6 minutes on an H200).
+# Every GPU check of the speed work (issue 13) in one call of the device tool, under 8
+# minutes on one H100: tests/test_gpu.py, then each benchmark row, most important first; a row
+# that would not fit in what is left of the budget is skipped (and says so). Prints one
+# table at the end (and writes it, with the full log, to $OUT when the device tool sets it).
 # Prepare once on the dev machine (ignored folders, carried with the call):
 #   mkdir -p .whl .gpu_data && cp ../shared/wheels/py312/*.whl .whl/
 #   cp /usr/share/datasets/fashion-mnist/*.gz .gpu_data/
-# then run `bash benchmarks/gpu_check.sh` with carry [".whl", ".gpu_data"].
+# then run `bash benchmarks/gpu_check.sh` with carry [".whl", ".gpu_data"] and timeout_s 600.
 set -u
+BUDGET=${BUDGET:-450}   # seconds for everything after the install
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+TABLE=$OUT/gpu_table.md
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD VAE_EXP_FASHION_DIR=$PWD/.gpu_data
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch; print('torch', torch.__version__)"
-echo "== CUDA-graph correctness (tests/test_gpu.py)"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
-B="python3 benchmarks/epoch_time.py --device cuda --root .gpu_data --epochs 3"
-echo "== batch 64: seed loop vs captured step (fp32)";    $B
-echo "== batch 64: eager, device-resident";               $B --skip-original --cuda-graph false
-echo "== batch 64: torch.compile reduce-overhead";        $B --skip-original --cuda-graph false --compile reduce-overhead
-echo "== batch 64: captured step, bf16";                  $B --skip-original --precision bf16
-echo "== batch 1024: captured step";                      $B --skip-original --batch-size 1024
-echo "== the whole reference experiment, 100 epochs (Fashion-MNIST, logger=none)"
-start=$(date +%s.%N)
-python3 -m vae_exp data=fashion_mnist data.root=.gpu_data trainer.epochs=100 logger=none \
-  trainer.progress=false eval.enabled=false hydra.run.dir=/tmp/ref100 2>&1 | grep -E "step:|epoch 100/" 
-echo "100 epochs wall: $(python3 -c "print(f'{$(date +%s.%N) - $start:.1f} s')")"
-python3 -c "import json; m = [json.loads(l) for l in open('/tmp/ref100/metrics.jsonl')]; \
-e = [r for r in m if 'epoch' in r][-1]; print('epoch', e['epoch'], 'val loss', e['val/loss'], \
-'peak GPU memory', round(e.get('gpu_peak_mib', -1)), 'MiB')"
+start=$(date +%s)
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__)"
+} | tee "$LOG"
+left() { echo $((BUDGET - ($(date +%s) - start))); }
+
+echo "| check | command | result |" >"$TABLE"
+echo "|---|---|---|" >>"$TABLE"
+
+# row NAME LIMIT COMMAND...: run COMMAND (at most LIMIT s) if it fits; table rows from its output
+row() {
+  local name=$1 limit=$2; shift 2
+  if [ "$(left)" -lt "$limit" ]; then
+    echo "| $name | \`$*\` | skipped: $(left) s of the budget left, needs up to $limit s |" >>"$TABLE"
+    return
+  fi
+  echo "== $name: $*" | tee -a "$LOG"
+  local t0=$(date +%s) out
+  out=$(timeout "$limit" "$@" 2>&1); local rc=$?
+  echo "$out" >>"$LOG"
+  echo "$out" | grep -E '^\| (the original|vae_exp|`python)|^speed-up|^peak|^device' | sed 's/^/    /'
+  local rows
+  rows=$(echo "$out" | grep -E '^\| (the original|vae_exp|`python)' | sed 's/^| //; s/ |$//' | tr '\n' ';')
+  local extra
+  extra=$(echo "$out" | grep -E '^speed-up|^peak' | tr '\n' ' ')
+  if [ $rc -ne 0 ]; then
+    rows="FAILED (exit $rc after $(( $(date +%s) - t0 )) s): $(echo "$out" | grep -v '^\s*$' | tail -2 | tr '\n' ' ' | cut -c1-400)"
+  fi
+  echo "| $name | \`$*\` | ${rows//|/;} $extra |" >>"$TABLE"
+}
+
+# DEVICE=cpu LIMIT=256 CLI_EPOCHS=3 BUDGET=300 try the script's mechanics on a CPU
+E="python3 benchmarks/epoch_time.py --device ${DEVICE:-cuda} --root .gpu_data ${LIMIT:+--limit $LIMIT}"
+echo "== tests/test_gpu.py" | tee -a "$LOG"
+if [ "$(left)" -ge 200 ]; then
+  t=$(timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$LOG" | tail -1)
+  echo "| tests/test_gpu.py (CUDA graph, fused Adam, compile in the graph, fresh noise) | \`pytest tests/test_gpu.py\` | $t |" >>"$TABLE"
+fi
+row "batch 64: original loop vs the default step (CUDA graph, fused Adam, fp32)" 100 $E --epochs 3
+row "the whole reference experiment, 100 epochs, wall clock (target < 120 s)" 200 $E --skip-original --cli ${CLI_EPOCHS:-100}
+row "batch 1024, bf16 + channels_last, captured (target <= 0.2 s/epoch)" 45 $E --skip-original --epochs 3 --batch-size 1024 --precision bf16 --channels-last
+row "batch 64: torch.compile inside the CUDA graph" 150 $E --skip-original --epochs 3 --compile default
+row "batch 64: captured, unfused (foreach) Adam" 45 $E --skip-original --epochs 3 --fused false
+row "batch 64: eager (no CUDA graph), fused Adam" 60 $E --skip-original --epochs 2 --cuda-graph false
+row "batch 64: captured, bf16" 45 $E --skip-original --epochs 3 --precision bf16
+row "batch 1024: captured, fp32" 45 $E --skip-original --epochs 3 --batch-size 1024
+
+echo
+echo "== $(head -1 "$LOG"); $(sed -n 2p "$LOG"); $(( $(date +%s) - start )) s in all"
+cat "$TABLE"

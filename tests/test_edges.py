@@ -166,7 +166,10 @@ def test_resume_auto_stops_at_a_damaged_checkpoint_of_its_own_folder(mnist_root,
     first = run_cli([*QUICK, "trainer.epochs=1", f"hydra.run.dir={folder}"], cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     last, best = folder / "checkpoints" / "last.pt", folder / "checkpoints" / "best.pt"
-    last.write_bytes(last.read_bytes()[:1000])
+    cut = last.read_bytes()[:1000]
+    assert os.stat(last).st_ino == os.stat(best).st_ino  # best.pt: a hard link, no 2nd write
+    last.unlink()  # a damaged last.pt that is its own file (a hard-linked best.pt shares its
+    last.write_bytes(cut)  # bytes: damage done in place would reach both names)
     damaged, intact = last.read_bytes(), best.read_bytes()
     result = run_cli([*QUICK, "trainer.resume=auto", f"hydra.run.dir={folder}"], cwd=tmp_path)
     output = result.stdout + result.stderr

@@ -94,10 +94,17 @@ def test_the_most_thorough_evaluation_is_eval_json(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, mnist_root):
-    """A tiny run with its final evaluation (k=20 on 256 images), progress bars on."""
+    """A tiny run with its final evaluation (k=20 on 256 images, in batches of 64 so that the
+    first batch's estimate is logged), progress bars on."""
     tmp = tmp_path_factory.mktemp("trained")
     run_dir = tmp / "run"
-    args = [*TINY, "trainer.progress=true", "logger=none", f"hydra.run.dir={run_dir}"]
+    args = [
+        *TINY,
+        "trainer.progress=true",
+        "logger=none",
+        "eval.batch_size=64",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = run_cli(args, cwd=tmp)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     return run_dir, result.stdout + result.stderr

@@ -15,7 +15,13 @@ import torch
 
 from tests import wandb_records
 from tests.conftest import TINY, cli_env, run_cli
-from vae_exp.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from vae_exp.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointWriter,
+    load_checkpoint,
+    save_checkpoint,
+    snapshot,
+)
 
 LONG = [  # 512 steps an epoch (about 2 s): room to signal a run in the middle of an epoch;
     # an LR schedule, so resuming must restore it too
@@ -395,3 +401,76 @@ def test_checkpoints_from_before_new_keys_still_resume():
     differences = config_differences(old, changed)
     assert any(d.startswith("data.binarize: '<absent>' -> 'dynamic'") for d in differences)
     assert any(d.startswith("loss.kl_schedule.kind") for d in differences)
+
+
+def test_the_background_writer_links_best_to_last_and_keeps_it(tmp_path):
+    """best.pt equal to the new last.pt is a hard link (no second write); the next last.pt
+    (an atomic rename) leaves best.pt on the old file; a failed write raises at wait()."""
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    writer = CheckpointWriter()
+    weights = torch.arange(4.0)
+    state = snapshot({"model": {"w": weights}, "epoch": 1})
+    weights += 100  # training goes on: the snapshot must not see it
+    writer.submit(state, last, best)
+    writer.wait()
+    assert os.stat(last).st_ino == os.stat(best).st_ino and os.stat(best).st_nlink == 2
+    assert load_checkpoint(best)["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+    writer.submit(snapshot({"model": {"w": weights}, "epoch": 2}), last, None)
+    writer.wait()
+    assert load_checkpoint(last)["epoch"] == 2 and load_checkpoint(best)["epoch"] == 1
+    assert os.stat(best).st_nlink == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
+    writer.submit({"bad": threading.Lock()}, last, None)  # cannot be pickled
+    with pytest.raises(TypeError, match="pickle"):
+        writer.wait()
+    assert load_checkpoint(last)["epoch"] == 2  # the failed write replaced nothing
+    writer.wait()  # the error was raised once
+
+
+def test_sigkill_while_a_checkpoint_is_being_written_resumes_from_a_valid_one(mnist_root, tmp_path):
+    """The reference model's checkpoints (40 MB) are written while training goes on; a
+    SIGKILL in the middle of such a write leaves the previous last.pt whole, and the run
+    resumes from it to the end."""
+    folder = tmp_path / "run"
+    args = [
+        f"data.root={mnist_root}",
+        "data.train_split=test",
+        "data.limit=128",
+        "trainer.epochs=40",
+        "trainer.progress=false",
+        "logger=none",
+        "eval.enabled=false",
+        f"hydra.run.dir={folder}",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vae_exp", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints, caught = folder / "checkpoints", None
+    try:
+        deadline = time.monotonic() + 240
+        while caught is None and process.poll() is None and time.monotonic() < deadline:
+            if (checkpoints / "last.pt").is_file():  # a write after the first one
+                caught = next((p.name for p in checkpoints.glob(".last.pt.*.tmp")), None)
+            time.sleep(0.001)
+        assert caught, "no checkpoint write was caught in progress"
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    kept = load_checkpoint(checkpoints / "last.pt")  # whole, checksum verified
+    assert 1 <= kept["epoch"] < 40
+    resumed = run_cli(
+        [*args, "trainer.resume=auto", "trainer.epochs=" + str(kept["epoch"] + 2)], cwd=tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        f"resuming {checkpoints / 'last.pt'}: epoch {kept['epoch']} done"
+        in resumed.stdout + resumed.stderr
+    )
+    assert load_checkpoint(checkpoints / "last.pt")["epoch"] == kept["epoch"] + 2
+    assert not list(checkpoints.glob(".*.tmp"))  # the killed writer's file was cleared
+    assert [m["epoch"] for m in metrics(folder)] == list(range(1, kept["epoch"] + 3))

@@ -1,5 +1,6 @@
 """Checkpoints: what they hold (`Position`, `checkpoint_state`), atomic writes with a checksum,
-plain contents (loadable with weights_only), and resuming from one (`resume_or_start`)."""
+plain contents (loadable with weights_only), written off the training thread
+(`CheckpointWriter`), and resuming from one (`resume_or_start`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,17 +76,109 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        fsync_folder(path.parent)
     except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if not (isinstance(e, OSError | RuntimeError) and caused_by_os_error(e)):
             raise
         raise write_failure("checkpoint", path, e, checkpoint_kept(path)) from None
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Make `target` hold what `source` holds, atomically: a hard link to `source`'s file where
+    the file system allows (no second write; the next atomic rename of `source` gives
+    `source` a new file and leaves `target` on the old one), else a copy; either goes to a
+    temporary name first and is renamed over `target`."""
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:  # no hard links here (another file system, FAT, some network mounts)
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, target)
+        fsync_folder(target.parent)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failure("checkpoint", target, e, checkpoint_kept(target)) from None
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries (a rename in it) to disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def snapshot(state: Any) -> Any:
+    """A copy of `state` in CPU memory that training can no longer change: every tensor copied
+    (from the GPU with one wait for all of them), containers rebuilt."""
+    on_gpu = []
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.device.type == "cpu":
+                return value.detach().clone()
+            on_gpu.append(value.device)
+            return value.detach().to("cpu", non_blocking=True)
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(copy(v) for v in value)
+        return value  # numbers, strings, None: immutable
+
+    copied = copy(state)
+    for device in set(on_gpu):
+        torch.cuda.synchronize(device)  # the non-blocking copies have landed
+    return copied
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread, so training goes on while a checkpoint is
+    checksummed, written, flushed to disk and renamed (`save_checkpoint`'s guarantees hold).
+
+    `submit` takes a `snapshot` (CPU copies: training may change the weights meanwhile) and
+    writes it to `last` and/or `best` (`best` as a hard link to `last` when both are given).
+    At most one write is in flight: `submit` first waits for the previous one. `wait()` waits
+    for the pending write and raises its error (an OutputError naming the file), if it had
+    one; call it before stopping, at the end of training and on the way out of an error."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, state: dict[str, Any], last: Path | None, best: Path | None) -> None:
+        self.wait()
+        if last is None and best is None:
+            return
+        self._thread = threading.Thread(
+            target=self._write, args=(state, last, best), name="checkpoint-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _write(self, state: dict[str, Any], last: Path | None, best: Path | None) -> None:
+        try:
+            save_checkpoint(last or best, state)
+            if last is not None and best is not None:
+                link_or_copy(last, best)
+        except BaseException as e:  # raised in the training thread by wait()
+            self._error = e
+
+    def pending(self) -> bool:
+        """Whether a write is still in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def checkpoint_kept(path: Path) -> str:
@@ -156,6 +251,7 @@ RESUMABLE_CHANGES = (
     "optim.optimizer.fused",
     "data.root",
     "data.num_workers",
+    "data.val_batch_size",
     "logger.",
     "eval.",
 )

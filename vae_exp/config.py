@@ -60,6 +60,7 @@ class DataConfig:
     val_split: str
     device_resident: bool | str
     binarize: str = "none"  # none | dynamic | static (vae_exp.data's notes)
+    val_batch_size: int = 1024  # validation batches (eval mode: per-image, any size)
     val_fraction: float = 0.05  # folder only
 
 
@@ -105,10 +106,10 @@ class EvalConfig:
 
     enabled: bool = True  # evaluate the final model when training ends
     k: int | str = "auto"  # importance samples per image for log p(x); auto: 1000 on CUDA
-    chunk: int = 100  # samples decoded at once per image (memory: chunk x batch images)
+    chunk: int = 16  # samples decoded at once per image (memory: chunk x batch images)
     split: str = "test"
     limit: int | None = None  # first N images of the split (null: all)
-    batch_size: int = 64
+    batch_size: int = 1024  # images per batch (conf: data.val_batch_size)
     sigma: float | str = "implied"  # Gaussian decoder std for mse_kld: implied | a number
     seed: int = 0
 
@@ -233,7 +234,9 @@ def read_data(section: Mapping) -> DataConfig:
         d.root,
         "a folder path, or null (./data, then the system folders; not for data=folder)",
     )
-    _check_ints(d, "data", {"image_size": 1, "batch_size": 1, "num_workers": 0})
+    _check_ints(
+        d, "data", {"image_size": 1, "batch_size": 1, "val_batch_size": 1, "num_workers": 0}
+    )
     check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
     _check_bools(d, "data", ("download",))
     check(
@@ -379,8 +382,8 @@ def read_logger(section: Mapping) -> LoggerConfig:
 
 
 def check_optimizer(section: DictConfig) -> None:
-    """Known keys only; learning rate > 0, weight decay >= 0 and fused a boolean or null,
-    before anything is built."""
+    """Known keys only; learning rate > 0, weight decay >= 0 and fused auto, a boolean or
+    null, before anything is built."""
     unknown = sorted(set(section) - set(OPTIM_KEYS))
     if unknown:
         raise ConfigError(
@@ -393,10 +396,10 @@ def check_optimizer(section: DictConfig) -> None:
     check(is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a finite number >= 0")
     fused = section.optimizer.get("fused")
     check(
-        fused is None or isinstance(fused, bool),
+        fused is None or isinstance(fused, bool) or fused == "auto",
         "optim.optimizer.fused",
         fused,
-        "true | false | null",
+        "auto (fused on CUDA) | true | false | null",
     )
 
 

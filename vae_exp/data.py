@@ -611,10 +611,12 @@ def split_batches(
     generator: torch.Generator | None = None,
 ) -> Batches:
     """The batches of one split in a `role`: "train" (shuffled by `generator`; binarized as
-    data.binarize says) or "val" (in order; a binarized split is one fixed draw)."""
+    data.binarize says; batches of data.batch_size) or "val" (in order; a binarized split is
+    one fixed draw; batches of data.val_batch_size)."""
     dataset = load_split(cfg, split)
     shuffle = role == "train"
     mode = cfg.binarize if role == "train" or cfg.binarize == "none" else "static"
+    batch_size = cfg.batch_size if role == "train" else cfg.val_batch_size
     if mode == "static":
         split_seed = static_seed(role, seed)
         if isinstance(dataset, TensorDataset):
@@ -629,7 +631,7 @@ def split_batches(
         return TensorBatches(
             images.to(device),
             labels.to(device),
-            cfg.batch_size,
+            batch_size,
             shuffle,
             pixel_range,
             generator,
@@ -637,7 +639,7 @@ def split_batches(
         )
     return LoaderBatches(
         dataset,
-        cfg.batch_size,
+        batch_size,
         shuffle,
         cfg.num_workers,
         device,

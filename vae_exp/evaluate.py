@@ -362,7 +362,7 @@ def eval_batches(cfg: DictConfig, settings: EvalConfig, pixel_range, device) -> 
     """The evaluation split, prepared as validation data is (binarized data: a fixed draw)."""
     data_cfg = read_data(cfg.data)
     data_cfg = dataclasses.replace(
-        data_cfg, limit=settings.limit, batch_size=settings.batch_size, download=False
+        data_cfg, limit=settings.limit, val_batch_size=settings.batch_size, download=False
     )
     return split_batches(data_cfg, "val", settings.split, pixel_range, device, seed=0)
 

@@ -1,8 +1,10 @@
 """One training step (forward, backward, gradient norm, optimizer step): eager (through DDP
 when distributed), replayed from a CUDA graph, or checked before every update
-(trainer.skip_nonfinite). `make_step` builds the one the trainer settings ask for; every step
-is called as `step(x, y)` and returns the loss terms as device tensors (None: a skipped step).
-Only the checked step syncs with the host.
+(trainer.skip_nonfinite); its forward pass and loss compiled with torch.compile when
+trainer.compile asks (composed with the CUDA graph unless the compile mode makes its own).
+`make_step` builds the one the trainer settings ask for; every step is called as `step(x, y)`
+and returns the loss terms as device tensors (None: a skipped step). Only the checked step
+syncs with the host.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from vae_exp.config import ConfigError
+from vae_exp.config import ConfigError, one_line
 from vae_exp.losses import VAELoss
 
 log = logging.getLogger(__name__)
 
 Terms = dict[str, Tensor]
 Step = Callable[[Tensor, Tensor], Terms | None]
+TermsFn = Callable[[Tensor, Tensor], Terms]  # (x, y) -> the loss terms of the batch
+
+# torch.compile modes that capture CUDA graphs of their own (vae_exp's capture is then off)
+COMPILE_MODES_WITH_GRAPHS = ("reduce-overhead", "max-autotune")
 
 
 def grad_norm(model: nn.Module) -> Tensor:
-    """The L2 norm of all gradients together (a device scalar; NaN/Inf if any is)."""
-    norms = [torch.linalg.vector_norm(p.grad) for p in model.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    """The L2 norm of all gradients together (a device scalar; NaN/Inf if any is): one
+    multi-tensor norm (torch._foreach_norm) instead of a kernel per parameter tensor."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def forward_loss(
@@ -36,40 +43,96 @@ def forward_loss(
     precision: str = "fp32",
     channels_last: bool = False,
     generator: torch.Generator | None = None,
+    eps: Tensor | None = None,
 ) -> Terms:
     """The loss terms of batch `x` (labels `y`): the forward pass in bf16 autocast when
     precision is "bf16" (the loss itself always in fp32), on a channels_last input when asked,
-    with as many posterior samples per image as the loss asks for (`loss_fn.samples`)."""
+    with as many posterior samples per image as the loss asks for (`loss_fn.samples`), their
+    noise drawn from `generator` or given (`eps`, see VAE.forward)."""
     inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     bf16 = precision == "bf16"
     # cache_enabled=False: autocast's weight cache must be off inside CUDA graph capture.
     with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-        out = net(inputs, y, samples=loss_fn.samples, generator=generator)
+        out = net(inputs, y, samples=loss_fn.samples, generator=generator, eps=eps)
     return loss_fn(out.float(), x)
 
 
-def loss_and_gradients(
-    net, model, loss_fn, x: Tensor, y: Tensor | None, precision: str, channels_last: bool
-) -> Terms:
-    """Forward, backward and the gradient norm of one batch (no optimizer step): the loss
-    terms, detached, with `grad_norm`. `net` is the model or its DDP wrapper."""
-    terms = forward_loss(net, loss_fn, x, y, precision, channels_last)
+def terms_function(
+    net: nn.Module, loss_fn: VAELoss, precision: str, channels_last: bool
+) -> TermsFn:
+    """`forward_loss` of `net` (the model or its DDP wrapper) as a function of the batch."""
+
+    def terms(x: Tensor, y: Tensor) -> Terms:
+        return forward_loss(net, loss_fn, x, y, precision, channels_last)
+
+    return terms
+
+
+class CompiledTerms:
+    """A terms function compiled with torch.compile (forward and loss in one graph, so their
+    pointwise work fuses; the backward is compiled too). The noise still comes from PyTorch's
+    own generator (inductor's fallback_random), as in the eager step, so a CUDA graph replays
+    fresh noise. If compiling fails (an unsupported combination of this torch, device and
+    model), the first step says why and every step runs the eager function."""
+
+    def __init__(self, terms: TermsFn, mode: str) -> None:
+        self.eager, self.mode = terms, mode
+        self.works: bool | None = None  # unknown until the first step has run
+        try:
+            import torch._inductor.config as inductor_config
+
+            inductor_config.fallback_random = True
+            self.compiled = torch.compile(terms, mode=None if mode == "default" else mode)
+        except Exception as e:  # torch.compile refuses this platform or setting
+            self.failed(e)
+
+    def failed(self, error: Exception) -> None:
+        log.warning("torch.compile(%s) failed, training without it: %s", self.mode, one_line(error))
+        self.works = False
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> Terms:
+        """Forward, loss and backward (see `loss_and_gradients`), compiled where possible."""
+        if self.works is False:
+            return backward(self.eager(x, y), model)
+        if self.works:
+            return backward(self.compiled(x, y), model)
+        try:
+            result = backward(self.compiled(x, y), model)
+        except Exception as e:  # compiling failed: this step is taken again, eagerly
+            log.warning("torch.compile(%s) failed, training without it: %s", self.mode, one_line(e))
+            self.works = False
+            for p in model.parameters():
+                p.grad = None
+            return backward(self.eager(x, y), model)
+        self.works = True
+        return result
+
+
+def backward(terms: Terms, model: nn.Module) -> Terms:
+    """Backpropagate the loss; the terms, detached, with the gradient norm."""
     terms["loss"].backward()
     terms["grad_norm"] = grad_norm(model)
     return {k: v.detach() for k, v in terms.items()}
 
 
-def eager_step(
-    net, model, loss_fn, optimizer, precision: str, channels_last: bool, keep_grads: bool = False
-) -> Step:
-    """The plain PyTorch step: `net` is the model or its DDP wrapper, `model` the model.
-    `keep_grads`: zero the gradient tensors instead of freeing them (they belong to a graph)."""
+def loss_and_gradients(terms: TermsFn | CompiledTerms, model: nn.Module, x: Tensor, y) -> Terms:
+    """Forward, backward and the gradient norm of one batch (no optimizer step): the loss
+    terms, detached, with `grad_norm`."""
+    if isinstance(terms, CompiledTerms):
+        return terms.run(model, x, y)
+    return backward(terms(x, y), model)
+
+
+def eager_step(terms: TermsFn | CompiledTerms, model, optimizer, keep_grads: bool = False) -> Step:
+    """The plain PyTorch step of the terms function `terms` (forward + loss, through DDP
+    when distributed). `keep_grads`: zero the gradient tensors instead of freeing them (they
+    belong to a graph)."""
 
     def step(x: Tensor, y: Tensor) -> Terms:
         optimizer.zero_grad(set_to_none=not keep_grads)
-        terms = loss_and_gradients(net, model, loss_fn, x, y, precision, channels_last)
+        result = loss_and_gradients(terms, model, x, y)
         optimizer.step()
-        return terms
+        return result
 
     return step
 
@@ -98,8 +161,8 @@ def cuda_graph_blocker(trainer, device: torch.device, optimizer, distributed: bo
         return "training is distributed (DDP)"
     if trainer.skip_nonfinite:
         return "trainer.skip_nonfinite needs a host check before every optimizer step"
-    if trainer.compile:
-        return "trainer.compile is on (its reduce-overhead mode makes its own CUDA graphs)"
+    if trainer.compile in COMPILE_MODES_WITH_GRAPHS:
+        return f"trainer.compile={trainer.compile} makes CUDA graphs of its own"
     if "capturable" not in optimizer.defaults:
         return f"{type(optimizer).__name__} has no capturable (CUDA-graph-safe) form"
     return None
@@ -126,36 +189,32 @@ class CapturedStep:
     norm, optimizer step) captured in one CUDA graph and replayed for every full batch.
 
     The first `warmup` steps run eagerly on a side stream (they are real training steps: the
-    graph is captured from a warmed-up model, as PyTorch's docs require); then the step is
-    captured on the current batch and replayed with each new batch copied into the static
-    input buffers. The noise is drawn inside the graph from CUDA's default generator (graph
-    replays advance it, so every step gets fresh noise). Adam runs in its capturable form.
-    Batches of another shape (the last, partial one) take an eager step. A change of learning
-    rate (a scheduler, once per epoch) re-captures, since the graph holds the rate it saw. If
-    the capture fails, training goes on with eager steps (`required`: the error stops it).
+    graph is captured from a warmed-up model, as PyTorch's docs require, and a compiled terms
+    function compiles there); then the step is captured on the current batch and replayed
+    with each new batch copied into the static input buffers. The noise is drawn inside the
+    graph from CUDA's default generator (graph replays advance it, so every step gets fresh
+    noise). Adam runs in its capturable form (fused or not). Batches of another shape (the
+    last, partial one) take an eager step. A change of learning rate (a scheduler, once per
+    epoch) re-captures, since the graph holds the rate it saw. If the capture fails, training
+    goes on with eager steps (`required`: the error stops it).
     """
 
     def __init__(
         self,
-        model,
-        loss_fn,
-        optimizer,
-        precision: str,
-        channels_last: bool,
+        terms: TermsFn | CompiledTerms,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
         batch_size: int,
         required: bool = False,
         warmup: int = 3,
     ):
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
+        self.terms, self.model, self.optimizer = terms, model, optimizer
         self.required = required  # trainer.cuda_graph=true: a failed capture stops the run
         self.failed = False  # auto: after a failed capture, every step runs eagerly
         self.batch_size = batch_size  # batches of this size are captured; others run eagerly
-        self.precision, self.channels_last = precision, channels_last
-        self.eager = eager_step(model, model, loss_fn, optimizer, precision, channels_last)
+        self.eager = eager_step(terms, model, optimizer)
         # After capture, eager steps must write into the graph's own gradient tensors.
-        self.eager_in_graph = eager_step(
-            model, model, loss_fn, optimizer, precision, channels_last, keep_grads=True
-        )
+        self.eager_in_graph = eager_step(terms, model, optimizer, keep_grads=True)
         self.warmup = warmup
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static_x = self.static_y = None
@@ -204,20 +263,14 @@ class CapturedStep:
         # thread_local: a DataLoader's pin-memory thread may use CUDA during the capture
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.static_terms = loss_and_gradients(
-                self.model,
-                self.model,
-                self.loss_fn,
-                self.static_x,
-                self.static_y,
-                self.precision,
-                self.channels_last,
+                self.terms, self.model, self.static_x, self.static_y
             )
             self.optimizer.step()
         self.graph = graph
         log.info("training step captured in a CUDA graph (batch %s)", tuple(self.static_x.shape))
 
 
-def careful_step(model, loss_fn, optimizer, precision: str, channels_last: bool) -> Step:
+def careful_step(terms: TermsFn | CompiledTerms, model, optimizer) -> Step:
     """An eager step that checks the loss and gradients before updating (a host sync every
     step): a non-finite step is skipped (no update; BatchNorm statistics restored), logged,
     and returns None (trainer.skip_nonfinite counts these)."""
@@ -225,13 +278,13 @@ def careful_step(model, loss_fn, optimizer, precision: str, channels_last: bool)
     def step(x: Tensor, y: Tensor) -> Terms | None:
         saved_buffers = [b.clone() for b in model.buffers()]
         optimizer.zero_grad(set_to_none=True)
-        terms = loss_and_gradients(model, model, loss_fn, x, y, precision, channels_last)
-        if (torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])).item():
+        result = loss_and_gradients(terms, model, x, y)
+        if (torch.isfinite(result["loss"]) & torch.isfinite(result["grad_norm"])).item():
             optimizer.step()
-            return terms
+            return result
         for b, saved in zip(model.buffers(), saved_buffers):
             b.copy_(saved)
-        log.warning("skipped non-finite step: %s", describe(terms))
+        log.warning("skipped non-finite step: %s", describe(result))
         return None
 
     return step
@@ -245,43 +298,34 @@ def describe(terms: Terms) -> str:
 def make_step(model, loss_fn, optimizer, *, trainer, cluster, batch_size: int) -> tuple[Step, str]:
     """The training step the trainer settings ask for, and its description for the log:
     checked before every update (trainer.skip_nonfinite), replayed from a CUDA graph, or eager
-    (through DDP when distributed; with a torch.compile'd model when trainer.compile is set).
+    (through DDP when distributed); its forward and loss compiled when trainer.compile is set.
     Every step is called as `step(x, y)` and returns the loss terms (device tensors), or None
     for a skipped step. Call it after the optimizer's state is loaded (resume)."""
     device = next(model.parameters()).device
     captured = use_cuda_graph(trainer, device, optimizer, cluster.distributed)
     set_capturable(optimizer, captured)
-    precision, channels_last = trainer.precision, trainer.channels_last
-    parts = ["CUDA graph" if captured else "eager", precision]
+    parts = ["CUDA graph" if captured else "eager", trainer.precision]
     if optimizer.defaults.get("fused"):
         parts.append(f"fused {type(optimizer).__name__}")
     if trainer.compile:
         parts.append(f"torch.compile({trainer.compile})")
-    if channels_last:
+    if trainer.channels_last:
         parts.append("channels_last")
     if cluster.distributed:
         parts.append(f"DDP x{cluster.world_size}")
     if trainer.skip_nonfinite:
         parts.append(f"skipping up to {trainer.skip_nonfinite} non-finite steps")
-    description = ", ".join(parts)
-    if captured:
-        step = CapturedStep(
-            model,
-            loss_fn,
-            optimizer,
-            precision,
-            channels_last,
-            batch_size,
-            required=trainer.cuda_graph is True,
-        )
-        return step, description
-    if trainer.compile:
-        mode = None if trainer.compile == "default" else trainer.compile
-        model.compile(mode=mode)  # in place: state_dict keys stay the same
-    if trainer.skip_nonfinite:
-        return careful_step(model, loss_fn, optimizer, precision, channels_last), description
     net = model
     if cluster.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    return eager_step(net, model, loss_fn, optimizer, precision, channels_last), description
+    terms = terms_function(net, loss_fn, trainer.precision, trainer.channels_last)
+    if trainer.compile:
+        terms = CompiledTerms(terms, trainer.compile)
+    if captured:
+        step = CapturedStep(terms, model, optimizer, batch_size, trainer.cuda_graph is True)
+    elif trainer.skip_nonfinite:
+        step = careful_step(terms, model, optimizer)
+    else:
+        step = eager_step(terms, model, optimizer)
+    return step, ", ".join(parts)

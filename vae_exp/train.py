@@ -16,7 +16,14 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from vae_exp.build import Experiment, build_experiment, describe_experiment
-from vae_exp.checkpoint import Position, checkpoint_state, resume_or_start, save_checkpoint
+from vae_exp.checkpoint import (
+    CheckpointWriter,
+    Position,
+    checkpoint_state,
+    resume_or_start,
+    save_checkpoint,
+    snapshot,
+)
 from vae_exp.config import read_trainer
 from vae_exp.distributed import start_cluster
 from vae_exp.evaluate import EvaluationStopped, flat_metrics, run_evaluation, sample_grids
@@ -81,15 +88,16 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
         fixed_x, fixed_y = (t[: trainer.num_reconstructions] for t in next(iter(data.val)))
         last_good = start.checkpoint  # the newest checkpoint with finite weights
         done = [m for m in start.history if "val/loss" in m]  # the metrics of finished epochs
+        writer = CheckpointWriter()  # writes checkpoints while the next epoch trains
         try:
-            # 2. Epochs: train, stop if asked, validate, log, pictures, checkpoint.
+            # 2. Epochs: train, stop if asked, validate, pictures, checkpoint, log.
             while pos.epoch < trainer.epochs:
                 epoch, began = pos.epoch + 1, time.perf_counter()
                 data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
                 if not cluster.any(stop.requested, device):
                     train_epoch(exp, step, pos, tracker, stop, last_good)
                 if cluster.any(stop.requested, device):  # during or before the epoch
-                    save_and_stop(exp, pos, data_rng, tracker, stop, run_dir)
+                    save_and_stop(exp, pos, data_rng, tracker, stop, run_dir, writer)
                 train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
                 cluster.share_buffers(exp.model)
                 val_terms = validate(exp)
@@ -98,10 +106,6 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                 if exp.scheduler is not None:
                     exp.scheduler.step()
                 pos.epoch, pos.batches_done, pos.epoch_steps, pos.sums = epoch, 0, 0, {}
-                metrics = epoch_metrics(exp, pos, train_terms, val_terms, lr, began)
-                tracker.log_epoch(metrics)
-                log_epoch_line(metrics, trainer.epochs)
-                done.append(metrics)
                 improved = val_terms["loss"] < pos.best_val_loss
                 pos.best_val_loss = min(pos.best_val_loss, val_terms["loss"])
                 if cluster.is_main:  # rank 0 draws and writes
@@ -115,12 +119,25 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                     )
                     for name, grid in grids.items():
                         tracker.log_image(epoch, name, grid)
-                    state = checkpoint_state(exp, pos, metrics, tracker.wandb_id)
-                    if trainer.checkpoint.save_last:
-                        last_good = run_dir / "checkpoints" / "last.pt"
-                        save_checkpoint(last_good, state)
-                    if improved and trainer.checkpoint.save_best:
-                        save_checkpoint(run_dir / "checkpoints" / "best.pt", state)
+                    state = snapshot(checkpoint_state(exp, pos, None, tracker.wandb_id))
+                # The epoch's seconds: training, validation, pictures and the checkpoint's
+                # hand-off to the writer (its writing overlaps the next epoch).
+                metrics = epoch_metrics(exp, pos, train_terms, val_terms, lr, began)
+                if cluster.is_main:
+                    state["metrics"] = metrics
+                    last = run_dir / "checkpoints" / "last.pt"
+                    writer.submit(
+                        state,
+                        last if trainer.checkpoint.save_last else None,
+                        run_dir / "checkpoints" / "best.pt"
+                        if improved and trainer.checkpoint.save_best
+                        else None,
+                    )
+                    last_good = last if trainer.checkpoint.save_last else last_good
+                tracker.log_epoch(metrics)
+                log_epoch_line(metrics, trainer.epochs)
+                done.append(metrics)
+            writer.wait()  # the last checkpoint is on disk before the run is called done
 
             # 3. Finish: the run's summary, then the evaluation of the final model.
             if stop.requested:
@@ -130,11 +147,21 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                 results = final_evaluation(exp, pos, stop, run_dir)
                 tracker.summarize(flat_metrics(results))
         except BaseException as e:
+            finish_writing(writer)
             preempted = isinstance(e, Preempted)
             tracker.finish(exit_code=getattr(e, "exit_code", 1), preempted=preempted)
             raise
         tracker.finish(exit_code=0)
         return pos.best_val_loss
+
+
+def finish_writing(writer: CheckpointWriter) -> None:
+    """On the way out of an error: let the pending checkpoint write finish (its own failure
+    is logged; the error that stopped the run is the one raised)."""
+    try:
+        writer.wait()
+    except Exception as e:
+        log.error("%s", e)
 
 
 def train_epoch(
@@ -216,26 +243,42 @@ def train_epoch(
 
 @torch.no_grad()
 def validate(exp: Experiment) -> dict[str, float]:
-    """Mean loss terms per example over the validation batches: the training objective (at
-    the training precision, at the current KL weight), with the model in eval mode and the
-    posterior noise drawn from a generator seeded with trainer.seed, so the same weights
-    always give the same numbers. In a distributed run each process takes its share of the
-    batches and the sums are all-reduced."""
-    model, trainer, cluster = exp.model, exp.trainer, exp.cluster
+    """Mean loss terms per example over the validation images: the training objective (at the
+    training precision, at the current KL weight), with the model in eval mode, in batches of
+    data.val_batch_size. Every image gets the same posterior noise each time
+    (`validation_noise`), so the numbers depend on the weights alone, not on the batch size,
+    the device or the number of processes. In a distributed run each process takes its share
+    of the images and the sums are all-reduced."""
+    model, trainer, cluster, batches = exp.model, exp.trainer, exp.cluster, exp.data.val
     model.eval()
-    generator = torch.Generator(exp.device).manual_seed(trainer.seed + cluster.rank)
+    noise = validation_noise(exp)
     sums: dict[str, torch.Tensor] = {}
-    seen = torch.zeros((), device=exp.device)
-    for x, y in exp.data.val:
+    seen, done = torch.zeros((), device=exp.device), 0
+    for x, y in batches:
+        # this process's images are batches.rank, rank + world_size, ... (Batches.shard)
+        index = batches.rank + batches.world_size * torch.arange(done, done + len(x))
+        eps = noise[index.to(noise.device)].transpose(0, 1)  # [samples, B, D]
+        eps = eps[0] if exp.loss_fn.samples == 1 else eps
         terms = forward_loss(
-            model, exp.loss_fn, x, y, trainer.precision, trainer.channels_last, generator
+            model, exp.loss_fn, x, y, trainer.precision, trainer.channels_last, eps=eps
         )
         for k, v in terms.items():
             sums[k] = sums.get(k, 0) + v * x.shape[0]
         seen += x.shape[0]
+        done += len(x)
     names = list(sums)
     totals = cluster.sum_(torch.stack([sums[k] for k in names] + [seen]))
     return dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
+
+
+def validation_noise(exp: Experiment) -> torch.Tensor:
+    """The posterior noise of every validation image, [images, samples, latent_dim] on the
+    device: one draw from a CPU generator seeded with trainer.seed, made once per run."""
+    shape = (exp.data.val.num_examples, exp.loss_fn.samples, exp.model.latent_dim)
+    if exp.val_noise is None or exp.val_noise.shape != shape:
+        generator = torch.Generator().manual_seed(exp.trainer.seed)
+        exp.val_noise = torch.randn(shape, generator=generator).to(exp.device)
+    return exp.val_noise
 
 
 def save_and_stop(
@@ -245,13 +288,16 @@ def save_and_stop(
     tracker: Tracker,
     stop: StopRequest,
     run_dir: Path,
+    writer: CheckpointWriter,
 ) -> NoReturn:
-    """A signal arrived (in any process): checkpoint the current step as last.pt (with the
-    data order of the epoch it is in, to replay on resume), mark the W&B run preempted, hand
-    the signal on (submitit requeues the job on SIGUSR2) and stop (`Preempted`)."""
+    """A signal arrived (in any process): once the pending epoch checkpoint is written,
+    checkpoint the current step as last.pt (with the data order of the epoch it is in, to
+    replay on resume), mark the W&B run preempted, hand the signal on (submitit requeues the
+    job on SIGUSR2) and stop (`Preempted`)."""
     last = run_dir / "checkpoints" / "last.pt"
     state = checkpoint_state(exp, pos, None, tracker.wandb_id)
     state["rng"]["data"] = data_rng
+    finish_writing(writer)  # then this newer state replaces it
     if exp.cluster.is_main:
         save_checkpoint(last, state)
     signal_number = stop.signal_number or 15  # another process got the signal

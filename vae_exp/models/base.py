@@ -17,14 +17,18 @@ class Posterior:
     mu: Tensor
     log_var: Tensor
 
-    def rsample(self, generator: torch.Generator | None = None) -> Tensor:
-        """Reparameterised draw z = mu + eps * sigma with eps ~ N(0, I)."""
+    def rsample(
+        self, generator: torch.Generator | None = None, eps: Tensor | None = None
+    ) -> Tensor:
+        """Reparameterised draw z = mu + eps * sigma with eps ~ N(0, I): drawn here (from
+        `generator` when given), or the given standard-normal `eps` (shaped like mu, or with a
+        leading sample axis)."""
         std = torch.exp(0.5 * self.log_var)
-        if generator is None:
+        if eps is None and generator is None:
             eps = torch.randn_like(std)
-        else:
+        elif eps is None:
             eps = torch.randn(std.shape, generator=generator, device=std.device, dtype=std.dtype)
-        return self.mu + eps * std
+        return self.mu + eps.to(std.dtype) * std
 
 
 @dataclass
@@ -70,14 +74,19 @@ class VAE(nn.Module):
         y: Tensor | None = None,
         samples: int = 1,
         generator: torch.Generator | None = None,
+        eps: Tensor | None = None,
     ) -> VAEOutput:
-        """Encode `x`, draw `samples` reparameterised z per image, decode them."""
+        """Encode `x`, draw `samples` reparameterised z per image, decode them. `eps`: the
+        standard-normal noise to use instead of drawing it ([B, D]; [samples, B, D])."""
         posterior = self.encode(x, y)
         if samples == 1:
-            z = posterior.rsample(generator)
+            z = posterior.rsample(generator, eps)
             recon = self.decode(z, y)
         else:
-            z = torch.stack([posterior.rsample(generator) for _ in range(samples)])
+            if eps is None:
+                z = torch.stack([posterior.rsample(generator) for _ in range(samples)])
+            else:
+                z = posterior.rsample(eps=eps)
             ys = None if y is None else y.repeat(samples)  # matches z.flatten(0, 1)
             recon = self.decode(z.flatten(0, 1), ys).unflatten(0, (samples, len(x)))
         return VAEOutput(recon=recon, mu=posterior.mu, log_var=posterior.log_var, z=z)
