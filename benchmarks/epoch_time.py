@@ -1,5 +1,5 @@
-"""Seconds per training epoch: the seed's DataLoader loop against vae_exp's trainer, side by side
-in one process, on the same data, model and batch size.
+"""Seconds per training epoch: the original script's DataLoader loop against vae_exp's trainer,
+side by side in one process, on the same data, model and batch size.
 
     python benchmarks/epoch_time.py --device cpu --limit 10000 --epochs 2
     python benchmarks/epoch_time.py --device cuda                    # CUDA graph (auto)
@@ -7,11 +7,12 @@ in one process, on the same data, model and batch size.
     python benchmarks/epoch_time.py --device cuda --cuda-graph false --compile reduce-overhead
     python benchmarks/epoch_time.py --device cpu --precision bf16 --channels-last --fused
 
-The seed loop is re-implemented from the seed's script: a Dataset of PIL images with
-transforms Resize / ToTensor / Normalize, a shuffling DataLoader with min(8, CPU count)
-workers, and `loss.item()` after every step. vae_exp's loop is `vae_exp.train.train_epoch` on
-device-resident data, with the step `vae_exp.train.make_step` builds for the options given
-(on CUDA: the step captured in a CUDA graph unless --cuda-graph false).
+The original script's loop is re-implemented from it: a Dataset of PIL images with transforms
+Resize / ToTensor / Normalize, a shuffling DataLoader with min(8, CPU count) workers, and
+`loss.item()` after every step. vae_exp's loop is `vae_exp.train.train_epoch` on the
+experiment `vae_exp.build.build_experiment` makes of the composed config (device-resident
+data), with the step `vae_exp.steps.make_step` builds for the options given (on CUDA: the step
+captured in a CUDA graph unless --cuda-graph false).
 Both train the reference ConvVAE with Adam 5e-4 and MSE + 0.00025 KLD.
 Data: Fashion-MNIST's 60,000 training images from Debian's dataset-fashion-mnist.
 """
@@ -26,24 +27,28 @@ import time
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
-from tqdm import tqdm
 
-from vae_exp.config import CheckpointConfig, LoggerConfig, TrainerConfig
-from vae_exp.data import TensorBatches, load_idx_split, prepare_images
+from vae_exp.build import build_experiment
+from vae_exp.checkpoint import Position
+from vae_exp.config import LoggerConfig
+from vae_exp.data import load_idx_split
 from vae_exp.distributed import Cluster
 from vae_exp.losses import MSEKLD
 from vae_exp.models import ConvVAE
 from vae_exp.preemption import StopRequest
-from vae_exp.steps import use_cuda_graph
+from vae_exp.steps import make_step
 from vae_exp.tracking import Tracker
-from vae_exp.train import Position, make_step, train_epoch
+from vae_exp.train import train_epoch
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
-class SeedImages(Dataset):
-    """The seed's torchvision MNIST-style dataset: PIL images through the seed's transforms."""
+class OriginalImages(Dataset):
+    """The original script's dataset: PIL images through its transforms."""
 
     def __init__(self, images) -> None:
         self.images = images
@@ -58,8 +63,8 @@ class SeedImages(Dataset):
         return self.transform(Image.fromarray(self.images[i], mode="L")), 0
 
 
-def seed_epoch(model, optimizer, loss_fn, loader, device) -> float:
-    """One epoch of the seed's loop; returns its mean batch loss."""
+def original_epoch(model, optimizer, loss_fn, loader, device) -> float:
+    """One epoch of the original script's loop; returns its mean batch loss."""
     total = 0.0
     for img, _ in loader:
         img = img.to(device)
@@ -93,7 +98,7 @@ def main() -> None:
         "--precision",
         default="fp32",
         choices=["fp32", "bf16"],
-        help="vae_exp's loop (the seed loop is always fp32)",
+        help="vae_exp's loop (the original loop is always fp32)",
     )
     parser.add_argument("--channels-last", action="store_true", help="vae_exp's loop")
     parser.add_argument(
@@ -108,7 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--fused", action="store_true", help="vae_exp's loop: fused Adam (optim.optimizer.fused)"
     )
-    parser.add_argument("--skip-seed", action="store_true", help="time vae_exp's loop only")
+    parser.add_argument("--skip-original", action="store_true", help="time vae_exp's loop only")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -123,73 +128,60 @@ def main() -> None:
         model = ConvVAE(1, 32).to(device)
         return model, torch.optim.Adam(model.parameters(), lr=5e-4, fused=fused)
 
-    # The seed's loop.
+    # The original script's loop.
     model, optimizer = fresh()
     loader = DataLoader(
-        SeedImages(images), batch_size=args.batch_size, shuffle=True, num_workers=workers
+        OriginalImages(images), batch_size=args.batch_size, shuffle=True, num_workers=workers
     )
-    seed_times = [
-        timed(lambda: seed_epoch(model, optimizer, loss_fn, loader, device), device)
-        for _ in range(0 if args.skip_seed else args.epochs)
+    original_times = [
+        timed(lambda: original_epoch(model, optimizer, loss_fn, loader, device), device)
+        for _ in range(0 if args.skip_original else args.epochs)
     ]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
-    # vae_exp's trainer on device-resident data.
-    model, optimizer = fresh(fused=True if args.fused else None)
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    # vae_exp's trainer on device-resident data: the experiment the CLI would build.
+    overrides = [
+        "data=fashion_mnist",
+        f"data.root={Path(args.root).resolve()}",
+        f"data.limit={args.limit or 'null'}",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.device={args.device}",
+        "trainer.progress=false",
+        f"trainer.precision={args.precision}",
+        f"trainer.channels_last={str(args.channels_last).lower()}",
+        f"trainer.cuda_graph={args.cuda_graph}",
+        f"trainer.compile={args.compile}",
+        f"optim.optimizer.fused={'true' if args.fused else 'null'}",
+        "logger=none",
+    ]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
     start = time.perf_counter()
-    resident = prepare_images(images, 32, 1).to(device)
+    exp = build_experiment(cfg, Cluster(), device)
     prepare_seconds = time.perf_counter() - start
-    batches = TensorBatches(
-        resident,
-        torch.as_tensor(labels.copy()).to(device),
-        args.batch_size,
-        True,
-        (-1.0, 1.0),
-        torch.Generator().manual_seed(0),
-    )
-    trainer = TrainerConfig(
-        epochs=args.epochs,
-        device=args.device,
-        seed=0,
-        log_every=50,
-        progress=False,
-        sample_grid=5,
-        num_reconstructions=8,
-        resume=None,
-        skip_nonfinite=0,
-        precision=args.precision,
-        channels_last=args.channels_last,
-        cuda_graph={"auto": "auto", "true": True, "false": False}[args.cuda_graph],
-        compile=False if args.compile == "false" else args.compile,
-        checkpoint=CheckpointConfig(save_last=False, save_best=False),
-    )
-    captured = use_cuda_graph(trainer, device, optimizer, distributed=False)
-    loss_fn.to(device)
-    step = make_step(
-        model, loss_fn, optimizer, trainer, device, captured, Cluster(), args.batch_size
+    step, description = make_step(
+        exp.model,
+        exp.loss_fn,
+        exp.optimizer,
+        trainer=exp.trainer,
+        cluster=exp.cluster,
+        batch_size=args.batch_size,
     )
     with tempfile.TemporaryDirectory() as tmp, StopRequest() as stop:
         tracker = Tracker(Path(tmp), {}, LoggerConfig(name="none"))
         pos = Position()
-        bar = tqdm(disable=True)
 
         def our_epoch() -> None:
             pos.batches_done = pos.epoch_steps = 0
             pos.sums = {}
-            train_epoch(step, model, loss_fn, optimizer, batches, tracker, pos, trainer, bar, stop)
+            train_epoch(exp, step, pos, tracker, stop)
 
         ours_times = [timed(our_epoch, device) for _ in range(args.epochs)]
         final_loss = pos.sums["loss"] / pos.epoch_steps
 
-    seed_s = statistics.median(seed_times) if seed_times else float("nan")
+    original_s = statistics.median(original_times) if original_times else float("nan")
     ours_s = statistics.median(ours_times)
-    how = [args.precision, "CUDA graph" if captured else "eager"]
-    how += [f"compile {args.compile}"] if args.compile != "false" else []
-    how += ["channels_last"] if args.channels_last else []
-    how += ["fused Adam"] if args.fused else []
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     cpu = next((ln.split(":", 1)[1].strip() for ln in lines if "model name" in ln), "unknown CPU")
@@ -201,17 +193,18 @@ def main() -> None:
     print("| loop | s/epoch (median) | images/s | epochs timed |")
     print("|---|---|---|---|")
     print(
-        f"| seed DataLoader loop ({workers} workers) | {seed_s:.2f} | {n / seed_s:.0f} | "
-        f"{', '.join(f'{t:.2f}' for t in seed_times)} |"
+        f"| original script's DataLoader loop ({workers} workers) | {original_s:.2f} | "
+        f"{n / original_s:.0f} | "
+        f"{', '.join(f'{t:.2f}' for t in original_times)} |"
     )
     print(
-        f"| vae_exp train_epoch, device-resident, {', '.join(how)} | {ours_s:.2f} | "
+        f"| vae_exp train_epoch, device-resident, {description} | {ours_s:.2f} | "
         f"{n / ours_s:.0f} | {', '.join(f'{t:.2f}' for t in ours_times)} |"
     )
     print(f"vae_exp's last epoch: mean train loss {final_loss:.5f}")
     print(
-        f"speed-up: {seed_s / ours_s:.2f}x (one-off decode+resize for vae_exp: "
-        f"{prepare_seconds:.1f} s)"
+        f"speed-up: {original_s / ours_s:.2f}x (one-off build of vae_exp's experiment, decode and "
+        f"resize of both splits included: {prepare_seconds:.1f} s)"
     )
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device) / 2**20

@@ -13,10 +13,10 @@ echo "== CUDA-graph correctness (tests/test_gpu.py)"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -3
 B="python3 benchmarks/epoch_time.py --device cuda --root .gpu_data --epochs 3"
 echo "== batch 64: seed loop vs captured step (fp32)";    $B
-echo "== batch 64: eager, device-resident";               $B --skip-seed --cuda-graph false
-echo "== batch 64: torch.compile reduce-overhead";        $B --skip-seed --cuda-graph false --compile reduce-overhead
-echo "== batch 64: captured step, bf16";                  $B --skip-seed --precision bf16
-echo "== batch 1024: captured step";                      $B --skip-seed --batch-size 1024
+echo "== batch 64: eager, device-resident";               $B --skip-original --cuda-graph false
+echo "== batch 64: torch.compile reduce-overhead";        $B --skip-original --cuda-graph false --compile reduce-overhead
+echo "== batch 64: captured step, bf16";                  $B --skip-original --precision bf16
+echo "== batch 1024: captured step";                      $B --skip-original --batch-size 1024
 echo "== the whole reference experiment, 100 epochs (Fashion-MNIST, logger=none)"
 start=$(date +%s.%N)
 python3 -m vae_exp data=fashion_mnist data.root=.gpu_data trainer.epochs=100 logger=none \

@@ -14,11 +14,11 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import REPO, SHARED_DATA, TINY, cli_env, compose_cfg, run_cli
+from vae_exp.build import build_model, build_optimizer
 from vae_exp.likelihood import log_normal_diag, log_px_given_z, log_standard_normal
 from vae_exp.losses import IWAELoss
 from vae_exp.models import MLPVAE
 from vae_exp.schedules import StagedLR
-from vae_exp.train import build_model, build_optimizer
 
 # Burda et al. 2015, Table 1, MNIST, one stochastic layer: test -log p(x) in nats (k = 5000).
 PAPER = {"VAE (k=1)": 86.76, "VAE (k=50)": 86.35, "IWAE (k=50)": 84.78}

@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
 from tests import wandb_records
 from tests.conftest import TINY, run_cli
+from vae_exp.build import build_experiment
 from vae_exp.checkpoint import load_checkpoint
-from vae_exp.config import read_data
-from vae_exp.data import build_data
-from vae_exp.train import build_model, validate
+from vae_exp.distributed import Cluster
+from vae_exp.train import validate
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -76,12 +75,9 @@ def test_train_end_to_end(mnist_root, tmp_path):
     state = load_checkpoint(run_dir / "checkpoints" / "best.pt")
     last = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert last["epoch"] == 2 and state["metrics"] in metrics
-    cfg = OmegaConf.create(state["config"])
-    loss_fn = instantiate(cfg.loss)
-    model = build_model(cfg, loss_fn)
-    model.load_state_dict(state["model"])
-    data = build_data(read_data(cfg.data), loss_fn.pixel_range, torch.device("cpu"), 0)
-    val = validate(model, loss_fn, data.val, cfg.trainer.seed)
+    exp = build_experiment(OmegaConf.create(state["config"]), Cluster(), torch.device("cpu"))
+    exp.model.load_state_dict(state["model"])
+    val = validate(exp)
     assert val["loss"] == pytest.approx(state["metrics"]["val/loss"], rel=1e-6)
     assert state["metrics"]["val/loss"] == min(m["val/loss"] for m in metrics)
 

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.conftest import CONF, cli_env, compose_cfg
+from vae_exp.build import build_model, build_optimizer
 from vae_exp.config import (
     ConfigError,
     check_optimizer,
@@ -20,7 +21,6 @@ from vae_exp.config import (
     read_logger,
     read_trainer,
 )
-from vae_exp.train import build_model, build_optimizer
 
 GROUPS = ["model", "data", "optim", "loss", "trainer", "logger"]
 

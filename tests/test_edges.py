@@ -19,14 +19,8 @@ import torch
 
 from tests.conftest import TINY, cli_env, run_cli
 from tests.test_resilience import metrics
-from vae_exp.checkpoint import (
-    CheckpointError,
-    RunDirInUse,
-    claim_run_dir,
-    load_checkpoint,
-    release_run_dir,
-    save_checkpoint,
-)
+from vae_exp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vae_exp.outputs import RunDirInUse, claim_run_dir, release_run_dir
 
 QUICK = [*TINY, "logger=none", "eval.enabled=false"]
 

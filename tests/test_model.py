@@ -246,7 +246,7 @@ def test_trains_on_mnist(make, mnist_batch):
 @pytest.mark.parametrize("model_name", ["mlp_vae", "conditional_conv_vae"])
 @pytest.mark.parametrize("loss_cls", [BCEKLD, MSEKLD], ids=["bce_kld", "mse_kld"])
 def test_new_model_configs_build(model_name, loss_cls):
-    from vae_exp.train import build_model
+    from vae_exp.build import build_model
 
     loss = "bce_kld" if loss_cls is BCEKLD else "mse_kld"
     cfg = compose_cfg(

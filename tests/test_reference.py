@@ -12,9 +12,10 @@ from torchvision import transforms
 
 from tests.conftest import REPO, compose_cfg
 from tests.seed_reference import SeedVAE, seed_loss
-from vae_exp.config import read_data
-from vae_exp.data import build_data, load_idx_split, normalize, prepare_images
-from vae_exp.train import build_model, build_optimizer, validate
+from vae_exp.build import build_experiment, build_model, build_optimizer
+from vae_exp.data import load_idx_split, normalize, prepare_images
+from vae_exp.distributed import Cluster
+from vae_exp.train import validate
 
 
 def test_defaults_are_the_seed_settings():
@@ -107,9 +108,8 @@ def test_the_original_loops_validation_is_vae_exps(mnist_root, tmp_path):
     seed_model = SeedVAE((1, 32, 32), 128)
     theirs = script.validate(seed_model, loader, torch.device("cpu"), seed=0)
 
-    cfg = compose_cfg([f"data.root={mnist_root}", "data.limit=256"])
-    loss_fn = instantiate(cfg.loss)
-    model = build_model(cfg, loss_fn)
-    model.load_state_dict(seed_model.state_dict())
-    data = build_data(read_data(cfg.data), loss_fn.pixel_range, torch.device("cpu"), seed=0)
-    assert validate(model, loss_fn, data.val, seed=0)["loss"] == pytest.approx(theirs, rel=1e-6)
+    cfg = compose_cfg([f"data.root={mnist_root}", "data.limit=256", "trainer.seed=0"])
+    exp = build_experiment(cfg, Cluster(), torch.device("cpu"))
+    exp.model.load_state_dict(seed_model.state_dict())
+    assert exp.data.val.num_examples == 256
+    assert validate(exp)["loss"] == pytest.approx(theirs, rel=1e-6)

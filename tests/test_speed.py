@@ -126,17 +126,14 @@ def test_torchrun_two_processes_ddp(mnist_root, tmp_path):
     # the all-reduced validation loss is the loss over all 256 images: a single process
     # validating the saved weights agrees (the posterior noise differs: 1%)
     from tests.conftest import compose_cfg
-    from vae_exp.data import build_data
-    from vae_exp.losses import MSEKLD
-    from vae_exp.train import build_model, validate
+    from vae_exp.build import build_experiment
+    from vae_exp.distributed import Cluster
+    from vae_exp.train import validate
 
-    cfg = compose_cfg(TINY)
-    loss_fn = MSEKLD()
-    model = build_model(cfg, loss_fn)
+    exp = build_experiment(compose_cfg(TINY), Cluster(), torch.device("cpu"))
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    model.load_state_dict(state["model"])
-    data = build_data(cfg.data, loss_fn.pixel_range, torch.device("cpu"), 0)
-    val = validate(model, loss_fn, data.val, 0)
+    exp.model.load_state_dict(state["model"])
+    val = validate(exp)
     assert val["loss"] == pytest.approx(metrics[-1]["val/loss"], rel=0.01)
 
 

@@ -152,9 +152,9 @@ def test_labels_are_checked_for_a_conditional_model():
     import torch
     from torch.utils.data import TensorDataset
 
+    from vae_exp.build import check_labels
     from vae_exp.config import ConfigError
     from vae_exp.data import Data, LoaderBatches, TensorBatches
-    from vae_exp.train import check_labels
 
     images, labels = torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1, 2, 3, 4, 9])
     resident = TensorBatches(images, labels, 2, False, (0.0, 1.0))

@@ -14,9 +14,10 @@ from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vae_exp.config import ConfigError, check_top_level_keys
+from vae_exp.config import ConfigError
 from vae_exp.distributed import global_rank, launched_by_torchrun
 from vae_exp.tracking import RunLabels
+from vae_exp.train import Preempted, TrainingStopped, fit
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -88,12 +89,16 @@ class SweepJobFailed(CompactHydraException):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Train one run (one job of a sweep); returns the best validation loss."""
-    from vae_exp.train import Preempted, TrainingStopped, run
-
     hydra_cfg = HydraConfig.get()
     try:
-        check_top_level_keys(cfg)
-        return run(cfg, Path(hydra_cfg.runtime.output_dir), job_labels(hydra_cfg))
+        return fit(cfg, Path(hydra_cfg.runtime.output_dir), job_labels(hydra_cfg))
+    except KeyboardInterrupt:  # a second Ctrl-C: stopped at once, without a checkpoint
+        log.error(
+            "Stopped at once by a second Ctrl-C: the current step was not checkpointed; the "
+            "last checkpoint written (if any) is kept in %s.",
+            Path(hydra_cfg.runtime.output_dir) / "checkpoints",
+        )
+        sys.exit(130)
     except (ConfigError, TrainingStopped) as e:
         log.error("%s", e)
         if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(e, Preempted):

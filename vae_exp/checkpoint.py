@@ -1,27 +1,25 @@
-"""Run folders and checkpoints: one run per folder (a lock), write errors that name the file,
-atomic checkpoint writes, plain contents (loadable with weights_only), resuming."""
+"""Checkpoints: what they hold (`Position`, `checkpoint_state`), atomic writes with a checksum,
+plain contents (loadable with weights_only), and resuming from one (`resume_or_start`)."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
+import json
 import logging
+import math
 import os
 import pickle
 import re
-import socket
-import sys
+import shutil
 import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from vae_exp.config import ConfigError, one_line
-from vae_exp.distributed import global_rank, launched_by_torchrun
+from vae_exp.outputs import caused_by_os_error, how_to_go_on, write_failure
 
 FORMAT_VERSION = 1
 
@@ -30,155 +28,6 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(ConfigError):
     """A checkpoint that is missing, unreadable, corrupt, or of another format or experiment."""
-
-
-# --------------------------------------------------------------------------------------------
-# Run folders
-
-
-class OutputError(ConfigError):
-    """A file of the run could not be written (disk full, read-only or immutable folder, ...)."""
-
-    exit_code = 2
-
-
-class RunDirInUse(ConfigError):
-    """Another live run holds the lock of this run folder."""
-
-
-# Why a write failed, in words, by errno (others: the system's own words).
-WRITE_FAILURES = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is used up",
-    errno.EFBIG: "the file would exceed the largest file size allowed (ulimit -f, or the file "
-    "system's limit)",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied (the folder is not writable for this user)",
-    errno.EPERM: "operation not permitted (an immutable or protected file or folder)",
-}
-
-
-def write_reason(error: BaseException) -> str:
-    """Why a write failed: the OSError in `error` or behind it (torch.save wraps it in a
-    RuntimeError), as words and the errno's name; otherwise the error itself."""
-    for e in (error, error.__cause__, error.__context__):
-        if isinstance(e, OSError) and e.errno:
-            words = WRITE_FAILURES.get(e.errno, e.strerror or os.strerror(e.errno))
-            return f"{words} ({errno.errorcode.get(e.errno, e.errno)})"
-    return one_line(error)
-
-
-def caused_by_os_error(error: BaseException) -> bool:
-    return any(isinstance(e, OSError) for e in (error, error.__cause__, error.__context__))
-
-
-def write_failure(what: str, path: Path, error: BaseException, then: str) -> OutputError:
-    """The one-paragraph error for `what` (e.g. "checkpoint") at `path` that could not be
-    written: the path, why, and `then` (what is kept, what to do)."""
-    return OutputError(f"Could not write {what} {path}: {write_reason(error)}. {then}")
-
-
-# Run folders this process holds (claim_run_dir): folder -> the open descriptor of its lock.
-_held: dict[Path, int] = {}
-
-
-def claim_run_dir(run_dir: Path) -> None:
-    """Make `run_dir` this process's own while it lives: an exclusive lock on `run_dir/.lock`
-    (released by the system when the process ends, however it ends), so a second run given
-    the same folder is refused (RunDirInUse) instead of mixing its metrics and checkpoints
-    with this one's. Temporary checkpoint files left by a killed writer are removed (under the
-    lock, no live writer has any). An unwritable folder is an OutputError naming it."""
-    run_dir = run_dir.resolve()
-    if run_dir in _held:
-        return
-    lock = run_dir / ".lock"
-    unwritable = "Choose a writable folder with hydra.run.dir=<path>, or make this one writable."
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise write_failure("the run folder", run_dir, e, unwritable) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-        os.close(fd)
-        raise RunDirInUse(
-            f"The run folder {run_dir} is in use by another run ({holder}): two runs in one "
-            "folder would mix their metrics and overwrite each other's checkpoints. Wait for "
-            "that run to end, or give this one its own folder (leave hydra.run.dir unset for a "
-            "new one, or set hydra.run.dir=<another path>)."
-        ) from None
-    except OSError as e:  # a file system without locks (some network mounts): go on unlocked
-        log.warning("cannot lock the run folder %s (%s); go on without", run_dir, one_line(e))
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    except OSError as e:
-        os.close(fd)
-        raise write_failure("the run folder", run_dir, e, unwritable) from None
-    _held[run_dir] = fd
-    for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # left by a killed writer
-        stale.unlink(missing_ok=True)
-
-
-def release_run_dir(run_dir: Path) -> None:
-    """Give up this process's claim on `run_dir` (if it has one)."""
-    fd = _held.pop(run_dir.resolve(), None)
-    if fd is not None:
-        os.close(fd)
-
-
-class ClaimRunDir(Callback):
-    """Hydra callback (conf/config.yaml): before Hydra writes anything into a single run's
-    folder (.hydra/, the log file), claim it (`claim_run_dir`) and check that the log file can
-    be written; before a sweep, check that its folder can be written. A refusal is one
-    paragraph and exit code 2, not Hydra's traceback. Under torchrun only rank 0 has a run
-    folder (the others run in ".", which is not claimed)."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if launched_by_torchrun() and global_rank() != 0:
-            return
-        run_dir = Path(str(config.hydra.run.dir))
-        log_file = run_dir / f"{config.hydra.job.name}.log"
-        try:
-            claim_run_dir(run_dir)
-            try:
-                with open(log_file, "a"):
-                    pass
-            except OSError as e:
-                raise write_failure(
-                    "the log file",
-                    log_file,
-                    e,
-                    "Make it writable, or choose another folder with hydra.run.dir=<path>.",
-                ) from None
-        except ConfigError as e:
-            refuse(e)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        try:
-            sweep_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=sweep_dir) as probe:
-                probe.write(b"vae_exp")
-                probe.flush()
-        except OSError as e:
-            then = (
-                "Choose a writable folder with hydra.sweep.dir=<path>, or make this one writable."
-            )
-            refuse(write_failure("the sweep folder", sweep_dir, e, then))
-
-
-def refuse(error: ConfigError) -> None:
-    """Stop before Hydra starts the job (its logging is not set up yet): the message on
-    stderr, exit code 2."""
-    print(f"vae_exp: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints
 
 
 def checksum(state: Any) -> str:
@@ -245,13 +94,6 @@ def checkpoint_kept(path: Path) -> str:
         else "Nothing was written there."
     )
     return f"{kept} {how_to_go_on(path.parent.parent)}"
-
-
-def how_to_go_on(run_dir: Path) -> str:
-    """After a failed write in `run_dir`: how to continue once the disk has room."""
-    last = run_dir / "checkpoints" / "last.pt"
-    then = f"continue with trainer.resume={last}" if last.is_file() else "start the run again"
-    return f"Training stopped. Make room (or make the folder writable), then {then}."
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -432,3 +274,130 @@ def restore_rng(state: dict[str, Any], data_generator: torch.Generator) -> None:
     ):
         torch.cuda.set_rng_state_all(state["cuda"])
     data_generator.set_state(state["data"])
+
+
+# --------------------------------------------------------------------------------------------
+# What a checkpoint holds, and resuming from one
+
+
+class Parts(Protocol):
+    """The built parts of an experiment that a checkpoint saves and restores
+    (vae_exp.build.Experiment has them)."""
+
+    config: dict[str, Any]
+    trainer: Any  # TrainerConfig: resume, epochs
+    cluster: Any  # Cluster
+    model: torch.nn.Module
+    loss_fn: Any  # VAELoss: its KL-schedule state
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: Any  # Data: the training split's shuffle generator
+
+
+@dataclass
+class Position:
+    """Where training stands: with the weights, optimizer and RNG states, all a checkpoint
+    needs to continue exactly, even from the middle of an epoch."""
+
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # batches done in the epoch after that (mid-epoch checkpoints)
+    epoch_steps: int = 0  # of those, the steps taken (not skipped) and summed in `sums`
+    step: int = 0  # optimizer steps taken (skipped non-finite steps not counted)
+    sums: dict[str, float] = field(default_factory=dict)  # per-batch terms summed, this epoch
+    skipped: int = 0  # non-finite steps skipped so far (trainer.skip_nonfinite)
+    best_val_loss: float = math.inf
+
+
+def checkpoint_state(
+    exp: Parts, pos: Position, metrics: dict | None, wandb_id: str | None
+) -> dict[str, Any]:
+    """Everything a checkpoint holds (plain tensors and containers: weights_only-loadable)."""
+    return {
+        "model": exp.model.state_dict(),
+        "loss": exp.loss_fn.state_dict(),  # KL schedule / capacity state
+        "optimizer": exp.optimizer.state_dict(),
+        "scheduler": exp.scheduler.state_dict() if exp.scheduler is not None else None,
+        "position": asdict(pos),
+        "epoch": pos.epoch,
+        "step": pos.step,
+        "config": exp.config,
+        "metrics": metrics,
+        "rng": rng_state(exp.data.train.generator),
+        "wandb_id": wandb_id,
+    }
+
+
+@dataclass
+class Start:
+    """Where a run starts: its Position, the W&B run to continue and the metrics of the epochs
+    already done (all empty for a new run)."""
+
+    position: Position = field(default_factory=Position)
+    wandb_id: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    checkpoint: Path | None = None  # the checkpoint resumed from
+
+
+def resume_or_start(exp: Parts, run_dir: Path) -> Start:
+    """Resume from the checkpoint `trainer.resume` names (see `find_resume_checkpoint`),
+    loading it into the model, optimizer, scheduler, loss (its KL schedule) and RNGs; or start
+    anew. The old run's best.pt is copied into `run_dir`, so the best model so far stays with
+    the run (rank 0 only, under torchrun)."""
+    trainer, cluster = exp.trainer, exp.cluster
+    path = None
+    if trainer.resume is not None:
+        roots = [Path.cwd() / "outputs", Path.cwd() / "multirun"]
+        if cluster.is_main:
+            path = find_resume_checkpoint(
+                trainer.resume, exp.config, run_dir, roots, trainer.epochs
+            )
+        path = cluster.broadcast(path)
+        if path is None:
+            log.info("trainer.resume=auto: no unfinished run of this experiment; starting anew")
+    if path is None:
+        return Start()
+    state = load_checkpoint(path)
+    differences = config_differences(state["config"], exp.config)
+    if differences:
+        raise ConfigError(
+            f"Invalid config: trainer.resume: {path} was made for another experiment "
+            f"({'; '.join(differences[:5])}). Resume with the same settings, or start a new run."
+        )
+    if state["epoch"] >= trainer.epochs:
+        raise ConfigError(
+            f"Invalid config: trainer.resume: {path} has already trained {state['epoch']} "
+            f"epochs; allowed: trainer.epochs > {state['epoch']} to train it further."
+        )
+    exp.model.load_state_dict(state["model"])
+    exp.optimizer.load_state_dict(state["optimizer"])
+    if exp.scheduler is not None and state["scheduler"] is not None:
+        exp.scheduler.load_state_dict(state["scheduler"])
+    exp.loss_fn.load_state_dict(state.get("loss") or {})
+    restore_rng(state["rng"], exp.data.train.generator)
+    pos = Position(**state["position"])
+    old_dir = path.parent.parent
+    best = old_dir / "checkpoints" / "best.pt"
+    if cluster.is_main and best.is_file() and old_dir.resolve() != run_dir.resolve():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(best, run_dir / "checkpoints" / "best.pt")
+    log.info(
+        "resuming %s: epoch %d done, %d batches into the next, step %d",
+        path,
+        pos.epoch,
+        pos.batches_done,
+        pos.step,
+    )
+    return Start(pos, state.get("wandb_id"), read_history(old_dir, pos.epoch), path)
+
+
+def read_history(run_dir: Path, epochs: int) -> list[dict[str, Any]]:
+    """The metrics.jsonl lines of a run's first `epochs` epochs (a line cut short by a kill
+    is skipped)."""
+    history = []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [m for m in history if m.get("epoch", math.inf) <= epochs]

@@ -1,15 +1,15 @@
-"""Checks on the composed config, run before anything is loaded or trained.
+"""The config's vocabulary and checks, run before anything is loaded or trained: the ground
+floor of vae_exp (it imports no other module of the package).
 
-The `data`, `trainer` and `logger` groups are read into the dataclasses below (unknown keys and
-bad values are errors naming the key and what is allowed); `model`, `loss` and `optim` are
-`_target_` configs whose constructors check their own arguments, with errors re-raised here
-under the key's full name.
+The `data`, `trainer`, `logger` and `eval` sections are read into the dataclasses below (unknown
+keys and bad values are errors naming the key and what is allowed); `model`, `loss` and `optim`
+are `_target_` configs whose constructors check their own arguments with the shared checks
+here (`is_count`, `is_number`, `invalid`), built by vae_exp.build.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import re
@@ -32,6 +32,18 @@ for _name in ("sweep_id", "run_id"):
 
 class ConfigError(ValueError):
     """A bad config value or missing input: the message names the key and what is allowed."""
+
+
+# The vocabulary: every allowed value of the keys that take a word.
+DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
+SPLITS = ("train", "test")
+BINARIZE = ("none", "dynamic", "static")
+PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+OPTIM_KEYS = ("optimizer", "scheduler")
 
 
 @dataclasses.dataclass
@@ -138,7 +150,8 @@ def one_line(error: BaseException) -> str:
     return " ".join(f"{type(error).__name__}: {error}".split())
 
 
-def _fail(key: str, value: Any, allowed: str) -> ConfigError:
+def invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    """The error for a bad value: 'Invalid config: key=value; allowed: ...'."""
     return ConfigError(f"Invalid config: {key}={value!r}; allowed: {allowed}.")
 
 
@@ -164,28 +177,40 @@ def _read(cls: type, section: Mapping, prefix: str) -> Any:
     return cls(**section)
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise `invalid(key, value, allowed)` unless `ok`."""
     if not ok:
-        raise _fail(key, value, allowed)
+        raise invalid(key, value, allowed)
 
 
-def _is_int(v: Any) -> bool:
+def is_integer(v: Any) -> bool:
+    """An int, not a bool."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_count(v: Any) -> bool:
+    """An int >= 1 (not a bool): what counts, sizes and dimensions must be."""
+    return is_integer(v) and v >= 1
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float: not a bool, nan or inf (Hydra reads `inf` and `nan` as floats)."""
+    return is_integer(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 SEED_LIMIT = 2**63  # torch seeds are < 2**64; trainer.seed + an offset (step, rank) stays below
 
 
 def _check_seed(value: Any, key: str) -> None:
-    _check(_is_int(value) and 0 <= value < SEED_LIMIT, key, value, "an integer in [0, 2**63)")
+    check(is_integer(value) and 0 <= value < SEED_LIMIT, key, value, "an integer in [0, 2**63)")
 
 
 def _check_ints(obj: Any, prefix: str, minimums: dict[str, int]) -> None:
     """Each named field of `obj` must be an integer >= its minimum."""
     for name, minimum in minimums.items():
         value = getattr(obj, name)
-        _check(
-            _is_int(value) and value >= minimum,
+        check(
+            is_integer(value) and value >= minimum,
             f"{prefix}.{name}",
             value,
             f"an integer >= {minimum}",
@@ -195,15 +220,13 @@ def _check_ints(obj: Any, prefix: str, minimums: dict[str, int]) -> None:
 def _check_bools(obj: Any, prefix: str, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
-        _check(isinstance(value, bool), f"{prefix}.{name}", value, "true or false")
+        check(isinstance(value, bool), f"{prefix}.{name}", value, "true or false")
 
 
 def read_data(section: Mapping) -> DataConfig:
-    from vae_exp.data import BINARIZE, DATASETS, SPLITS
-
     d = _read(DataConfig, section, "data")
-    _check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
-    _check(
+    check(d.name in DATASETS, "data.name", d.name, " | ".join(DATASETS))
+    check(
         (isinstance(d.root, str) and d.root not in ("", "???"))  # ???: not given (folder)
         or (d.root is None and d.name != "folder"),
         "data.root",
@@ -211,42 +234,42 @@ def read_data(section: Mapping) -> DataConfig:
         "a folder path, or null (./data, then the system folders; not for data=folder)",
     )
     _check_ints(d, "data", {"image_size": 1, "batch_size": 1, "num_workers": 0})
-    _check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
+    check(d.channels in (1, 3), "data.channels", d.channels, "1 (grey) or 3 (RGB)")
     _check_bools(d, "data", ("download",))
-    _check(
-        d.limit is None or (_is_int(d.limit) and d.limit >= 1),
+    check(
+        d.limit is None or (is_integer(d.limit) and d.limit >= 1),
         "data.limit",
         d.limit,
         "null (all images) or an integer >= 1",
     )
-    _check(d.train_split in SPLITS, "data.train_split", d.train_split, " | ".join(SPLITS))
-    _check(d.val_split in SPLITS, "data.val_split", d.val_split, " | ".join(SPLITS))
+    check(d.train_split in SPLITS, "data.train_split", d.train_split, " | ".join(SPLITS))
+    check(d.val_split in SPLITS, "data.val_split", d.val_split, " | ".join(SPLITS))
     if d.train_split == d.val_split:
         log.warning(
             "data.train_split = data.val_split = %s: validation numbers are on training images",
             d.train_split,
         )
-    _check(
+    check(
         d.device_resident in ("auto", True, False),
         "data.device_resident",
         d.device_resident,
         "auto | true | false",
     )
-    _check(d.binarize in BINARIZE, "data.binarize", d.binarize, " | ".join(BINARIZE))
+    check(d.binarize in BINARIZE, "data.binarize", d.binarize, " | ".join(BINARIZE))
     if d.name != "folder" and "val_fraction" in section:
         raise ConfigError(
             f"Invalid config: unknown key data.val_fraction for data={d.name}; it is an option "
             "of data=folder only."
         )
     if d.name == "folder":
-        _check(
+        check(
             d.download is False,
             "data.download",
             d.download,
             "false (a folder of images cannot be downloaded)",
         )
-        _check(
-            _is_number(d.val_fraction) and 0 < d.val_fraction <= 0.5,
+        check(
+            is_number(d.val_fraction) and 0 < d.val_fraction <= 0.5,
             "data.val_fraction",
             d.val_fraction,
             "a number in (0, 0.5]",
@@ -254,14 +277,9 @@ def read_data(section: Mapping) -> DataConfig:
     return d
 
 
-PRECISIONS = ("fp32", "bf16")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
-
-
 def read_trainer(section: Mapping) -> TrainerConfig:
     checkpoint = section.get("checkpoint")
-    _check(
+    check(
         isinstance(checkpoint, Mapping),
         "trainer.checkpoint",
         checkpoint,
@@ -271,27 +289,27 @@ def read_trainer(section: Mapping) -> TrainerConfig:
     t = _read(TrainerConfig, {**section, "checkpoint": checkpoint}, "trainer")
     minimums = {"epochs": 1, "log_every": 1, "sample_grid": 1, "num_reconstructions": 1}
     _check_ints(t, "trainer", {**minimums, "skip_nonfinite": 0})
-    _check(
+    check(
         isinstance(t.device, str) and DEVICE_PATTERN.fullmatch(t.device) is not None,
         "trainer.device",
         t.device,
         "auto | cpu | cuda | cuda:N | mps",
     )
     _check_seed(t.seed, "trainer.seed")
-    _check(
+    check(
         t.resume is None or (isinstance(t.resume, str) and t.resume != ""),
         "trainer.resume",
         t.resume,
         "null, auto, a run directory or a checkpoint file",
     )
-    _check(t.precision in PRECISIONS, "trainer.precision", t.precision, " | ".join(PRECISIONS))
-    _check(
+    check(t.precision in PRECISIONS, "trainer.precision", t.precision, " | ".join(PRECISIONS))
+    check(
         t.cuda_graph in ("auto", True, False),
         "trainer.cuda_graph",
         t.cuda_graph,
         "auto | true | false",
     )
-    _check(
+    check(
         t.compile is False or t.compile in COMPILE_MODES,
         "trainer.compile",
         t.compile,
@@ -304,26 +322,24 @@ def read_trainer(section: Mapping) -> TrainerConfig:
 
 def read_eval(section: Mapping | None) -> EvalConfig:
     """The `eval` section, checked; missing keys (an older run's config) take the defaults."""
-    from vae_exp.data import SPLITS
-
     e = _read(EvalConfig, section if section is not None else {}, "eval")
     _check_bools(e, "eval", ("enabled",))
-    _check(
-        e.k == "auto" or (_is_int(e.k) and e.k >= 1),
+    check(
+        e.k == "auto" or (is_integer(e.k) and e.k >= 1),
         "eval.k",
         e.k,
         "auto (1000 on CUDA, 10 otherwise) | an integer >= 1",
     )
     _check_ints(e, "eval", {"chunk": 1, "batch_size": 1})
-    _check(e.split in SPLITS, "eval.split", e.split, " | ".join(SPLITS))
-    _check(
-        e.limit is None or (_is_int(e.limit) and e.limit >= 1),
+    check(e.split in SPLITS, "eval.split", e.split, " | ".join(SPLITS))
+    check(
+        e.limit is None or (is_integer(e.limit) and e.limit >= 1),
         "eval.limit",
         e.limit,
         "null (all images) or an integer >= 1",
     )
-    _check(
-        e.sigma == "implied" or (_is_number(e.sigma) and e.sigma > 0),
+    check(
+        e.sigma == "implied" or (is_number(e.sigma) and e.sigma > 0),
         "eval.sigma",
         e.sigma,
         "implied | a finite number > 0 (the Gaussian decoder's std)",
@@ -332,80 +348,34 @@ def read_eval(section: Mapping | None) -> EvalConfig:
     return e
 
 
-LOGGERS = ("wandb", "none")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
-
-
 def read_logger(section: Mapping) -> LoggerConfig:
     name = section.get("name")
-    _check(name in LOGGERS, "logger.name", name, " | ".join(LOGGERS))
+    check(name in LOGGERS, "logger.name", name, " | ".join(LOGGERS))
     if name == "none" and len(section) > 1:
         extra = sorted(set(section) - {"name"})[0]
         raise ConfigError(
             f"Invalid config: unknown key logger.{extra}; logger=none has no options."
         )
     lg = _read(LoggerConfig, section, "logger")
-    _check(lg.mode in WANDB_MODES, "logger.mode", lg.mode, " | ".join(WANDB_MODES))
-    _check(isinstance(lg.project, str) and lg.project, "logger.project", lg.project, "a name")
+    check(lg.mode in WANDB_MODES, "logger.mode", lg.mode, " | ".join(WANDB_MODES))
+    check(isinstance(lg.project, str) and lg.project, "logger.project", lg.project, "a name")
     for key in ("entity", "group"):
         value = getattr(lg, key)
-        _check(value is None or isinstance(value, str), f"logger.{key}", value, "null or a name")
-    _check(
+        check(value is None or isinstance(value, str), f"logger.{key}", value, "null or a name")
+    check(
         isinstance(lg.tags, list) and all(isinstance(t, str) for t in lg.tags),
         "logger.tags",
         lg.tags,
         "a list of strings",
     )
     _check_bools(lg, "logger", ("log_images",))
-    _check(
-        _is_number(lg.init_timeout) and lg.init_timeout > 0,
+    check(
+        is_number(lg.init_timeout) and lg.init_timeout > 0,
         "logger.init_timeout",
         lg.init_timeout,
         "a finite number of seconds > 0",
     )
     return lg
-
-
-def check_target_keys(section: DictConfig, key: str, supplied: tuple[str, ...] = ()) -> None:
-    """Every key of a `_target_` config must be a parameter of its target; `supplied` are
-    the parameters the code passes itself (not config keys)."""
-    from hydra.utils import get_object
-
-    try:
-        target = get_object(section._target_)
-        params = inspect.signature(target).parameters
-    except Exception as e:
-        raise ConfigError(
-            f"Invalid config: {key}._target_={section.get('_target_')!r} cannot be used: {e}"
-        ) from e
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # the target takes any keyword
-    allowed = [n for n in params if n not in supplied and n != "self"]
-    for name in section:
-        if not str(name).startswith("_") and name not in allowed:
-            raise ConfigError(
-                f"Invalid config: unknown key {key}.{name}; the keys of {key} "
-                f"({section._target_}) are {', '.join(allowed)}."
-            )
-
-
-def instantiate_checked(
-    section: DictConfig, key: str, supplied: tuple[str, ...] = (), **kwargs: Any
-) -> Any:
-    """`hydra.utils.instantiate` after `check_target_keys`; errors in the target's arguments
-    become ConfigErrors naming `key`. `kwargs` are passed on to the target."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    check_target_keys(section, key, supplied + tuple(kwargs))
-    try:
-        return instantiate(section, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__ or e
-        raise ConfigError(f"Invalid config for {key}: {cause}") from e
-
-
-OPTIM_KEYS = ("optimizer", "scheduler")
 
 
 def check_optimizer(section: DictConfig) -> None:
@@ -418,21 +388,16 @@ def check_optimizer(section: DictConfig) -> None:
             f"{', '.join(OPTIM_KEYS)} (optimizer settings go under optim.optimizer)."
         )
     lr = section.optimizer.get("lr")
-    _check(_is_number(lr) and lr > 0, "optim.optimizer.lr", lr, "a finite number > 0")
+    check(is_number(lr) and lr > 0, "optim.optimizer.lr", lr, "a finite number > 0")
     wd = section.optimizer.get("weight_decay", 0.0)
-    _check(_is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a finite number >= 0")
+    check(is_number(wd) and wd >= 0, "optim.optimizer.weight_decay", wd, "a finite number >= 0")
     fused = section.optimizer.get("fused")
-    _check(
+    check(
         fused is None or isinstance(fused, bool),
         "optim.optimizer.fused",
         fused,
         "true | false | null",
     )
-
-
-def _is_number(v: Any) -> bool:
-    """A finite int or float: not a bool, nan or inf (Hydra reads `inf` and `nan` as floats)."""
-    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
 
 
 def check_model_matches_data(model: DictConfig, data: DataConfig) -> None:

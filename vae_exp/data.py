@@ -1,8 +1,8 @@
 """Datasets: IDX files (MNIST, Fashion-MNIST), CIFAR-10 batches, folders of images; batching.
 
-MNIST-family and CIFAR-10 splits are decoded and resized once (with PIL, exactly as the seed's
-`transforms.Resize`) into a uint8 tensor kept on the training device; folders are read lazily
-through a DataLoader. Both paths yield float batches normalised to the loss's pixel range.
+MNIST-family and CIFAR-10 splits are decoded and resized once (with PIL, exactly as the original
+script's `transforms.Resize`) into a uint8 tensor kept on the training device; folders are read
+lazily through a DataLoader. Both paths yield float batches normalised to the loss's pixel range.
 
 `data.binarize` (for likelihood benchmarks, e.g. Burda et al. 2015) turns each pixel p = value/255
 into a Bernoulli(p) draw, 0 or 255, before normalising, so batches hold only the two ends of the
@@ -47,9 +47,6 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from vae_exp.config import ConfigError, one_line
 
-DATASETS = ("mnist", "fashion_mnist", "cifar10", "folder")
-SPLITS = ("train", "test")
-BINARIZE = ("none", "dynamic", "static")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 # data.root=null: look under ./data (where downloads go), then in the system folders. Runs
@@ -291,7 +288,8 @@ def to_pil(array: np.ndarray, channels: int) -> Image.Image:
 
 
 def resize_pil(image: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to size (the seed's `transforms.Resize(size)`), then centre-crop."""
+    """Resize the shorter side to size (the original script's `transforms.Resize(size)`),
+    then centre-crop."""
     if image.size != (size, size):
         image = TF.center_crop(TF.resize(image, size), size)
     return image
@@ -306,7 +304,8 @@ def pil_to_uint8(image: Image.Image) -> Tensor:
 
 
 def prepare_images(images: np.ndarray, size: int, channels: int) -> Tensor:
-    """Resize uint8 images once, as the seed's per-sample transform would: (N, C, S, S)."""
+    """Resize uint8 images once, as the original script's per-sample transform would:
+    (N, C, S, S)."""
     return torch.stack([pil_to_uint8(resize_pil(to_pil(a, channels), size)) for a in images])
 
 
@@ -362,6 +361,12 @@ class BinarizedImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def labels(self) -> Tensor:
+        if isinstance(self.dataset, TensorDataset):
+            return self.dataset.tensors[1]
+        return torch.as_tensor(self.dataset.labels)
+
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         image, label = self.dataset[i]
         generator = torch.Generator().manual_seed(derived_seed(self.seed, i))
@@ -373,8 +378,8 @@ class BinarizedImages(Dataset):
 
 
 def usable_examples(n: int, batch_size: int, shuffle: bool) -> int:
-    """How many of n examples a pass uses: all (the last batch may be smaller, as the seed's
-    DataLoader with drop_last=False), except that a training pass (shuffled) skips a final
+    """How many of n examples a pass uses: all (the last batch may be smaller, as the original
+    script's DataLoader with drop_last=False), except that a training pass (shuffled) skips a final
     batch of one image, on which BatchNorm cannot train; shuffling varies the skipped one."""
     return n - 1 if shuffle and n > 1 and n % batch_size == 1 else n
 
@@ -438,10 +443,14 @@ class Batches:
         self, order: Tensor, first_batch: int = 0, pass_seed: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalised images and labels, on the device, for `order` in batches; the first is
-        batch `first_batch` of its pass (`pass_seed`: see `finish`)."""
+        batch `first_batch` of its pass (`pass_seed`: see `prepare`)."""
         raise NotImplementedError
 
-    def finish(self, images: Tensor, pass_seed: int | None, batch_index: int) -> Tensor:
+    def all_labels(self) -> Tensor:
+        """The labels of every image of the split (for checks before training)."""
+        raise NotImplementedError
+
+    def prepare(self, images: Tensor, pass_seed: int | None, batch_index: int) -> Tensor:
         """A batch of uint8 images on the device, binarized when `pass_seed` is given (batch
         `batch_index` of a dynamically binarized pass), normalised to the pixel range."""
         if pass_seed is not None:  # the rank: each process's share of a pass draws its own
@@ -467,13 +476,16 @@ class TensorBatches(Batches):
         super().__init__(len(images), batch_size, shuffle, pixel_range, generator, dynamic_binarize)
         self.images, self.labels = images, labels
 
+    def all_labels(self) -> Tensor:
+        return self.labels
+
     def batches(
         self, order: Tensor, first_batch: int = 0, pass_seed: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         order = order.to(self.images.device)
         for b, i in enumerate(range(0, len(order), self.batch_size), start=first_batch):
             idx = order[i : i + self.batch_size]
-            yield self.finish(self.images[idx], pass_seed, b), self.labels[idx]
+            yield self.prepare(self.images[idx], pass_seed, b), self.labels[idx]
 
 
 class ImageFiles(Dataset):
@@ -525,6 +537,11 @@ class LoaderBatches(Batches):
         self.dataset, self.num_workers, self.device = dataset, num_workers, device
         self.worker_seeds = torch.Generator().manual_seed(0)
 
+    def all_labels(self) -> Tensor:
+        if isinstance(self.dataset, TensorDataset):
+            return self.dataset.tensors[1]
+        return torch.as_tensor(self.dataset.labels)  # ImageFiles or BinarizedImages
+
     def batches(
         self, order: Tensor, first_batch: int = 0, pass_seed: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
@@ -538,7 +555,7 @@ class LoaderBatches(Batches):
         )
         try:
             for b, (images, labels) in enumerate(loader, start=first_batch):
-                images = self.finish(images.to(self.device, non_blocking=True), pass_seed, b)
+                images = self.prepare(images.to(self.device, non_blocking=True), pass_seed, b)
                 yield images, labels.to(self.device, non_blocking=True)
         except ConfigError as e:  # from a worker: its message carries the worker's traceback
             raise ConfigError(

@@ -9,6 +9,8 @@ and logs to W&B. Without torchrun this module does nothing: `Cluster()` is one p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -80,12 +82,36 @@ class Cluster:
             dist.destroy_process_group()
 
 
-def start_cluster(device_setting: str) -> tuple[Cluster, torch.device | None]:
-    """Join the torchrun job, if this process is part of one: NCCL on CUDA (one GPU per
-    process, cuda:LOCAL_RANK), gloo on CPU. Returns the cluster and the device this process
-    must train on (None when not distributed: the trainer.device setting decides)."""
+def resolve_device(name: str) -> torch.device:
+    """The device trainer.device names for a single process: `auto` is CUDA when available,
+    else CPU; an unavailable device is a config error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if int(name.partition(":")[2] or 0) >= count:
+            allowed = " | ".join(["auto", "cpu", *(f"cuda:{i}" for i in range(count))])
+            raise ConfigError(
+                f"Invalid config: trainer.device={name!r} but this machine has {count} CUDA "
+                f"device(s){' (CUDA is not available here)' if count == 0 else ''}; "
+                f"allowed: {allowed}."
+            )
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(
+            "Invalid config: trainer.device='mps' is not available here; allowed: auto | cpu."
+        )
+    return torch.device(name)
+
+
+@contextmanager
+def start_cluster(device_setting: str) -> Iterator[tuple[Cluster, torch.device]]:
+    """This process's place among the training processes and the device it trains on: the
+    one place the device is chosen. Alone: one process on `resolve_device(device_setting)`.
+    Started by torchrun: join the job, NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK),
+    gloo on CPU; the process group is closed when the block ends."""
     if not launched_by_torchrun():
-        return Cluster(), None
+        yield Cluster(), resolve_device(device_setting)
+        return
     wants_cuda = device_setting in ("auto", "cuda") and torch.cuda.is_available()
     if device_setting.startswith("cuda:") or device_setting == "mps":
         raise ConfigError(
@@ -110,4 +136,8 @@ def start_cluster(device_setting: str) -> tuple[Cluster, torch.device | None]:
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return Cluster(rank=dist.get_rank(), world_size=dist.get_world_size()), device
+    cluster = Cluster(rank=dist.get_rank(), world_size=dist.get_world_size())
+    try:
+        yield cluster, device
+    finally:
+        cluster.close()

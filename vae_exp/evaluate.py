@@ -28,18 +28,20 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from vae_exp.build import build_model, instantiate_checked
 from vae_exp.checkpoint import CheckpointError, load_checkpoint
-from vae_exp.config import ConfigError, EvalConfig, instantiate_checked, read_data, read_eval
+from vae_exp.config import ConfigError, EvalConfig, read_data, read_eval
 from vae_exp.data import Batches, split_batches
+from vae_exp.distributed import resolve_device
 from vae_exp.likelihood import (
     active_units,
     elbo_parts,
@@ -116,33 +118,6 @@ def decoder_sigma(loss_fn: VAELoss, setting: float | str, pixels: int) -> tuple[
 
 
 @torch.no_grad()
-def chunked_log_likelihood(
-    model: VAE,
-    x: torch.Tensor,
-    y: torch.Tensor | None,
-    loss_fn: VAELoss,
-    sigma: float | None,
-    settings: EvalConfig,
-    generator: torch.Generator,
-    check: Callable[[], None],
-) -> torch.Tensor:
-    """importance_sampled_log_likelihood with exactly settings.k samples per image, drawn
-    settings.chunk at a time (the same draws) and combined the same way, with `check()` called
-    before each chunk, so a signal stops the evaluation within one chunk (seconds on a CPU)
-    rather than one batch (minutes at k=1000)."""
-    k, chunk = settings.k, settings.chunk
-    sizes = [chunk] * (k // chunk) + ([k % chunk] if k % chunk else [])
-    chunk_sums = []  # log of the sum of each chunk's importance weights
-    for size in sizes:
-        check()
-        mean = importance_sampled_log_likelihood(
-            model, x, y, size, loss_fn.likelihood, sigma, size, generator
-        )
-        chunk_sums.append(mean + math.log(size))
-    return torch.logsumexp(torch.stack(chunk_sums), dim=0) - math.log(k)
-
-
-@torch.no_grad()
 def evaluate(
     model: VAE,
     loss_fn: VAELoss,
@@ -181,8 +156,16 @@ def evaluate(
                 check()
                 y = y if model.num_classes else None
                 parts = elbo_parts(model, x, y, loss_fn.likelihood, sigma, generator)
-                log_px = chunked_log_likelihood(
-                    model, x, y, loss_fn, sigma, settings, generator, check
+                log_px = importance_sampled_log_likelihood(
+                    model,
+                    x,
+                    y,
+                    settings.k,
+                    loss_fn.likelihood,
+                    sigma,
+                    settings.chunk,
+                    generator,
+                    before_chunk=check,  # a signal stops the evaluation within one chunk
                 )
                 posterior = model.encode(x, y)
                 recon = model.to_image(model.decode(posterior.mu, y))
@@ -227,32 +210,48 @@ def evaluate(
 
 
 @torch.no_grad()
+def sample_grids(
+    model: VAE,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    per_row: int,
+    seed: int,
+    value_range: tuple[float, float],
+) -> dict[str, np.ndarray]:
+    """The grids of training (every epoch) and evaluation alike (uint8 arrays): samples of the
+    prior draws of a generator seeded with `seed` (a per_row x per_row grid; for a conditional
+    model one row of per_row per class), and the images `x` (labels `y`) above their
+    reconstructions from the posterior mean."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    if model.num_classes:
+        samples = model.class_grid(per_row, generator)
+    else:
+        samples = model.sample(per_row * per_row, generator)
+    recons = model.reconstruct(x, y if model.num_classes else None)
+    return {
+        "samples": image_grid(samples, per_row, value_range),
+        "reconstructions": image_grid(torch.cat([x, recons]), len(x), value_range),
+    }
+
+
+@torch.no_grad()
 def eval_pictures(
     model: VAE, batches: Batches, value_range: tuple[float, float], n: int = 8, steps: int = 10
-) -> dict[str, Any]:
-    """Grids (uint8 arrays): prior samples (one row per class for a conditional model),
-    test images over their reconstructions, interpolations between the posterior means of
-    pairs of test images (a row per pair, end images at both sides), and for a 2-D latent the
-    decoded manifold over the prior's quantiles (Kingma & Welling 2013, figure 4)."""
+) -> dict[str, np.ndarray]:
+    """The evaluation's grids: `sample_grids` (n x n samples, n test images over their
+    reconstructions), interpolations between the posterior means of pairs of test images (a
+    row per pair, end images at both sides), and for a 2-D latent the decoded manifold over
+    the prior's quantiles (Kingma & Welling 2013, figure 4)."""
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(0)
     x, y = next(iter(batches))
     x, y = x[: 2 * n], y[: 2 * n]
+    grids = sample_grids(model, x[:n], y[:n], n, 0, value_range)
     y_or_none = y if model.num_classes else None
-    grids: dict[str, Any] = {}
-    if model.num_classes:
-        z = torch.randn(n, model.latent_dim, generator=gen).to(device).repeat(model.num_classes, 1)
-        labels = torch.arange(model.num_classes, device=device).repeat_interleave(n)
-        grids["samples"] = image_grid(model.to_image(model.decode(z, labels)), n, value_range)
-    else:
-        z = torch.randn(n * n, model.latent_dim, generator=gen).to(device)
-        grids["samples"] = image_grid(model.to_image(model.decode(z)), n, value_range)
-    mu = model.encode(x, y_or_none).mu
-    recon = model.to_image(model.decode(mu, y_or_none))
-    grids["reconstructions"] = image_grid(torch.cat([x[:n], recon[:n]]), n, value_range)
     pairs = min(n, len(x) // 2)
     if pairs:
+        mu = model.encode(x, y_or_none).mu
         start, end = mu[:pairs], mu[pairs : 2 * pairs]
         t = torch.linspace(0, 1, steps, device=device)
         path = start[:, None] + t[None, :, None] * (end - start)[:, None]  # [pairs, steps, D]
@@ -433,8 +432,6 @@ def run_evaluation(
 def load_for_eval(path: Path, device: torch.device) -> tuple[VAE, VAELoss, DictConfig, dict, Path]:
     """Model (weights loaded), loss, config, checkpoint state and checkpoint path of a run dir
     (its best.pt, else last.pt) or checkpoint file."""
-    from vae_exp.train import build_model
-
     if path.is_dir():
         candidates = [path / "checkpoints" / "best.pt", path / "checkpoints" / "last.pt"]
         found = [c for c in candidates if c.is_file()]
@@ -494,8 +491,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_checkpoint(args: argparse.Namespace, stop: StopRequest) -> dict[str, Any]:
     """What main() does with its parsed arguments: load, combine the settings, evaluate."""
-    from vae_exp.train import resolve_device
-
     device = resolve_device(args.device)
     model, loss_fn, cfg, state, checkpoint = load_for_eval(args.path, device)
     if args.data_root:

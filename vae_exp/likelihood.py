@@ -11,11 +11,13 @@ never change it, and they decode k * B (or chunk * B) latents in one batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_exp.config import check, is_count, is_number
 from vae_exp.models.base import VAE
 
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -49,19 +51,13 @@ def gaussian_kld(mu: Tensor, log_var: Tensor) -> Tensor:
     return kl_per_dim(mu, log_var).sum(dim=1)
 
 
-def _check_count(value: object, name: str, meaning: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}; allowed: an integer >= 1 ({meaning})")
-
-
 def _check_likelihood(likelihood: str, sigma: float | None) -> None:
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood={likelihood!r}; allowed: {' | '.join(LIKELIHOODS)}")
     if likelihood == "gaussian":
         if sigma is None:
             raise ValueError("likelihood='gaussian' needs sigma (the decoder's fixed std)")
-        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
-            raise ValueError(f"sigma={sigma!r}; allowed: a number > 0 (the decoder's std)")
+        check(is_number(sigma) and sigma > 0, "sigma", sigma, "a number > 0 (the decoder's std)")
 
 
 def log_px_given_z(
@@ -115,7 +111,7 @@ def log_importance_weights(
     sample-major, labels `y.repeat(k)` to match, as in `VAE.forward`). Differentiable with
     respect to the model's parameters (for an IWAE loss); wrap in no_grad to evaluate."""
     _check_likelihood(likelihood, sigma)
-    _check_count(k, "k", "the number of samples")
+    check(is_count(k), "k", k, "an integer >= 1 (the number of samples)")
     posterior = model.encode(x, y)
     mu, log_var = _at_least_fp32(posterior.mu), _at_least_fp32(posterior.log_var)
     batch = mu.shape[0]
@@ -137,6 +133,7 @@ def importance_sampled_log_likelihood(
     sigma: float | None = None,
     chunk: int = 100,
     generator: torch.Generator | None = None,
+    before_chunk: Callable[[], None] | None = None,
 ) -> Tensor:
     """The k-sample importance-sampled estimate of log p(x), per example: [B].
 
@@ -144,14 +141,17 @@ def importance_sampled_log_likelihood(
     (the last chunk holds k % chunk when that is not 0), so at most chunk * B latents are
     decoded at once. Each chunk is reduced to its logsumexp and those are combined by a
     logsumexp, so log weights of any magnitude (e.g. -1e4) stay finite. Its expectation is a
-    lower bound on log p(x) that rises with k (k = 1: the ELBO). Same dtype as the log weights."""
-    _check_count(chunk, "chunk", "samples per decode")
-    _check_count(k, "k", "the number of samples")
+    lower bound on log p(x) that rises with k (k = 1: the ELBO). Same dtype as the log weights.
+    `before_chunk()` is called before each chunk (the evaluation checks for a signal there)."""
+    check(is_count(chunk), "chunk", chunk, "an integer >= 1 (samples per decode)")
+    check(is_count(k), "k", k, "an integer >= 1 (the number of samples)")
     sizes = [chunk] * (k // chunk) + ([k % chunk] if k % chunk else [])
-    chunk_lse = [
-        torch.logsumexp(log_importance_weights(model, x, y, n, likelihood, sigma, generator), 0)
-        for n in sizes
-    ]
+    chunk_lse = []
+    for n in sizes:
+        if before_chunk is not None:
+            before_chunk()
+        log_w = log_importance_weights(model, x, y, n, likelihood, sigma, generator)
+        chunk_lse.append(torch.logsumexp(log_w, 0))
     return torch.logsumexp(torch.stack(chunk_lse), dim=0) - math.log(k)
 
 

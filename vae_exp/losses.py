@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vae_exp.config import invalid, is_count, is_number
 from vae_exp.likelihood import (
     gaussian_kld,
     kl_per_dim,
@@ -27,14 +28,6 @@ from vae_exp.models.base import VAEOutput
 
 LossTerms = dict[str, Tensor]
 SCHEDULES = ("constant", "linear", "cyclical")
-
-
-def _fail(key: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{key}={value!r}; allowed: {allowed}")
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class KLSchedule:
@@ -56,16 +49,16 @@ class KLSchedule:
     ) -> None:
         key = "loss.kl_schedule"
         if kind not in SCHEDULES:
-            raise _fail(f"{key}.kind", kind, " | ".join(SCHEDULES))
-        if kind == "linear" and not (isinstance(warmup_steps, int) and warmup_steps >= 1):
-            raise _fail(f"{key}.warmup_steps", warmup_steps, "an integer >= 1 for kind=linear")
+            raise invalid(f"{key}.kind", kind, " | ".join(SCHEDULES))
+        if kind == "linear" and not is_count(warmup_steps):
+            raise invalid(f"{key}.warmup_steps", warmup_steps, "an integer >= 1 for kind=linear")
         if kind == "cyclical":
-            if not (isinstance(cycle_steps, int) and cycle_steps >= 2):
-                raise _fail(f"{key}.cycle_steps", cycle_steps, "an integer >= 2 for cyclical")
-            if not (_is_number(ramp_fraction) and 0 < ramp_fraction <= 1):
-                raise _fail(f"{key}.ramp_fraction", ramp_fraction, "a number in (0, 1]")
-        if not (_is_number(start) and 0 <= start <= 1):
-            raise _fail(f"{key}.start", start, "a number in [0, 1]")
+            if not (is_count(cycle_steps) and cycle_steps >= 2):
+                raise invalid(f"{key}.cycle_steps", cycle_steps, "an integer >= 2 for cyclical")
+            if not (is_number(ramp_fraction) and 0 < ramp_fraction <= 1):
+                raise invalid(f"{key}.ramp_fraction", ramp_fraction, "a number in (0, 1]")
+        if not (is_number(start) and 0 <= start <= 1):
+            raise invalid(f"{key}.start", start, "a number in [0, 1]")
         self.kind, self.warmup_steps, self.cycle_steps = kind, warmup_steps, cycle_steps
         self.ramp_fraction, self.start = float(ramp_fraction), float(start)
 
@@ -108,10 +101,10 @@ class VAELoss:
         free_bits: float = 0.0,
         capacity: Mapping | None = None,
     ) -> None:
-        if not (_is_number(w) and w >= 0):
-            raise _fail("loss.w", w, "a number >= 0 (the KL weight)")
-        if not (_is_number(free_bits) and free_bits >= 0):
-            raise _fail("loss.free_bits", free_bits, "a number >= 0 (nats per latent dim)")
+        if not (is_number(w) and w >= 0):
+            raise invalid("loss.w", w, "a number >= 0 (the KL weight)")
+        if not (is_number(free_bits) and free_bits >= 0):
+            raise invalid("loss.free_bits", free_bits, "a number >= 0 (nats per latent dim)")
         self.w = float(w)
         self.free_bits = float(free_bits)
         self.schedule = KLSchedule(**dict(kl_schedule or {}))
@@ -120,12 +113,14 @@ class VAELoss:
             capacity = dict(capacity)
             unknown = sorted(set(capacity) - {"max", "steps"})
             if unknown:
-                raise _fail(f"loss.capacity.{unknown[0]}", capacity[unknown[0]], "keys max, steps")
+                raise invalid(
+                    f"loss.capacity.{unknown[0]}", capacity[unknown[0]], "keys max, steps"
+                )
             c_max, steps = capacity.get("max"), capacity.get("steps")
-            if not (_is_number(c_max) and c_max >= 0):
-                raise _fail("loss.capacity.max", c_max, "a number of nats >= 0")
-            if not (isinstance(steps, int) and steps >= 1):
-                raise _fail("loss.capacity.steps", steps, "an integer >= 1")
+            if not (is_number(c_max) and c_max >= 0):
+                raise invalid("loss.capacity.max", c_max, "a number of nats >= 0")
+            if not is_count(steps):
+                raise invalid("loss.capacity.steps", steps, "an integer >= 1")
             if self.schedule.kind != "constant":
                 raise ValueError(
                     "loss.capacity and loss.kl_schedule are two ways to anneal the KL; allowed: "
@@ -269,16 +264,16 @@ class IWAELoss(VAELoss):
         bound: str = "iwae",
     ) -> None:
         super().__init__(1.0)
-        if not (isinstance(k, int) and not isinstance(k, bool) and k >= 1):
-            raise _fail("loss.k", k, "an integer >= 1 (importance samples per image)")
+        if not is_count(k):
+            raise invalid("loss.k", k, "an integer >= 1 (importance samples per image)")
         if bound not in BOUNDS:
-            raise _fail("loss.bound", bound, " | ".join(BOUNDS))
+            raise invalid("loss.bound", bound, " | ".join(BOUNDS))
         if likelihood not in ("bernoulli", "gaussian"):
-            raise _fail("loss.likelihood", likelihood, "bernoulli | gaussian")
-        if likelihood == "gaussian" and not (_is_number(sigma) and sigma > 0):
-            raise _fail("loss.sigma", sigma, "a number > 0 (the decoder's std) for gaussian")
+            raise invalid("loss.likelihood", likelihood, "bernoulli | gaussian")
+        if likelihood == "gaussian" and not (is_number(sigma) and sigma > 0):
+            raise invalid("loss.sigma", sigma, "a number > 0 (the decoder's std) for gaussian")
         if likelihood == "bernoulli" and sigma is not None:
-            raise _fail("loss.sigma", sigma, "null for likelihood=bernoulli")
+            raise invalid("loss.sigma", sigma, "null for likelihood=bernoulli")
         self.samples, self.likelihood, self.sigma, self.bound = k, likelihood, sigma, bound
         self.decoder_output = "logits" if likelihood == "bernoulli" else "tanh"
         self.pixel_range = (0.0, 1.0) if likelihood == "bernoulli" else (-1.0, 1.0)

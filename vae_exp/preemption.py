@@ -24,6 +24,11 @@ class StopRequest:
         self.signal_number = 0
         self._previous: dict[int, object] = {}
 
+    @property
+    def requested(self) -> bool:
+        """Whether a signal asked to stop."""
+        return self.signal_name is not None
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # asked twice: stop now

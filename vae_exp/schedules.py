@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 from collections.abc import Sequence
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-
-def _fail(key: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"optim.scheduler.{key}={value!r}; allowed: {allowed}")
+from vae_exp.config import invalid, is_count, is_integer, is_number
 
 
 class StagedLR(LRScheduler):
@@ -37,17 +34,16 @@ class StagedLR(LRScheduler):
     ) -> None:
         counts = "a non-empty list of integers >= 1 (epochs per stage)"
         if isinstance(stage_epochs, str) or not isinstance(stage_epochs, Sequence):
-            raise _fail("stage_epochs", stage_epochs, counts)
+            raise invalid("optim.scheduler.stage_epochs", stage_epochs, counts)
         stages = list(stage_epochs)
-        if not stages or not all(_is_int(n) and n >= 1 for n in stages):
-            raise _fail("stage_epochs", stages, counts)
-        if not (_is_int(epochs) and epochs == sum(stages)):
-            raise _fail("epochs", epochs, f"the sum of stage_epochs, {sum(stages)}")
-        number = isinstance(stages_per_decade, int | float) and not isinstance(
-            stages_per_decade, bool
-        )
-        if not (number and math.isfinite(stages_per_decade) and stages_per_decade > 0):
-            raise _fail("stages_per_decade", stages_per_decade, "a number > 0")
+        if not stages or not all(is_count(n) for n in stages):
+            raise invalid("optim.scheduler.stage_epochs", stages, counts)
+        if not (is_integer(epochs) and epochs == sum(stages)):
+            raise invalid(
+                "optim.scheduler.epochs", epochs, f"the sum of stage_epochs, {sum(stages)}"
+            )
+        if not (is_number(stages_per_decade) and stages_per_decade > 0):
+            raise invalid("optim.scheduler.stages_per_decade", stages_per_decade, "a number > 0")
         self.stage_epochs = stages
         self.ends = list(itertools.accumulate(stages))  # the epoch each stage ends with
         self.stages_per_decade = float(stages_per_decade)
@@ -60,7 +56,3 @@ class StagedLR(LRScheduler):
     def get_lr(self) -> list[float]:
         factor = 10.0 ** (-self.stage(self.last_epoch) / self.stages_per_decade)
         return [base * factor for base in self.base_lrs]
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,5 +1,8 @@
-"""One training step (forward, backward, gradient norm, optimizer step), eager or replayed from
-a CUDA graph. Both return the step's loss terms as device tensors and never sync with the host.
+"""One training step (forward, backward, gradient norm, optimizer step): eager (through DDP
+when distributed), replayed from a CUDA graph, or checked before every update
+(trainer.skip_nonfinite). `make_step` builds the one the trainer settings ask for; every step
+is called as `step(x, y)` and returns the loss terms as device tensors (None: a skipped step).
+Only the checked step syncs with the host.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from vae_exp.losses import VAELoss
 log = logging.getLogger(__name__)
 
 Terms = dict[str, Tensor]
-Step = Callable[[Tensor, Tensor], Terms]
+Step = Callable[[Tensor, Tensor], Terms | None]
 
 
 def grad_norm(model: nn.Module) -> Tensor:
@@ -212,3 +215,73 @@ class CapturedStep:
             self.optimizer.step()
         self.graph = graph
         log.info("training step captured in a CUDA graph (batch %s)", tuple(self.static_x.shape))
+
+
+def careful_step(model, loss_fn, optimizer, precision: str, channels_last: bool) -> Step:
+    """An eager step that checks the loss and gradients before updating (a host sync every
+    step): a non-finite step is skipped (no update; BatchNorm statistics restored), logged,
+    and returns None (trainer.skip_nonfinite counts these)."""
+
+    def step(x: Tensor, y: Tensor) -> Terms | None:
+        saved_buffers = [b.clone() for b in model.buffers()]
+        optimizer.zero_grad(set_to_none=True)
+        terms = loss_and_gradients(model, model, loss_fn, x, y, precision, channels_last)
+        if (torch.isfinite(terms["loss"]) & torch.isfinite(terms["grad_norm"])).item():
+            optimizer.step()
+            return terms
+        for b, saved in zip(model.buffers(), saved_buffers):
+            b.copy_(saved)
+        log.warning("skipped non-finite step: %s", describe(terms))
+        return None
+
+    return step
+
+
+def describe(terms: Terms) -> str:
+    """Loss terms as 'name=value, ...' (a host sync)."""
+    return ", ".join(f"{k}={float(v.detach()):.6g}" for k, v in terms.items())
+
+
+def make_step(model, loss_fn, optimizer, *, trainer, cluster, batch_size: int) -> tuple[Step, str]:
+    """The training step the trainer settings ask for, and its description for the log:
+    checked before every update (trainer.skip_nonfinite), replayed from a CUDA graph, or eager
+    (through DDP when distributed; with a torch.compile'd model when trainer.compile is set).
+    Every step is called as `step(x, y)` and returns the loss terms (device tensors), or None
+    for a skipped step. Call it after the optimizer's state is loaded (resume)."""
+    device = next(model.parameters()).device
+    captured = use_cuda_graph(trainer, device, optimizer, cluster.distributed)
+    set_capturable(optimizer, captured)
+    precision, channels_last = trainer.precision, trainer.channels_last
+    parts = ["CUDA graph" if captured else "eager", precision]
+    if optimizer.defaults.get("fused"):
+        parts.append(f"fused {type(optimizer).__name__}")
+    if trainer.compile:
+        parts.append(f"torch.compile({trainer.compile})")
+    if channels_last:
+        parts.append("channels_last")
+    if cluster.distributed:
+        parts.append(f"DDP x{cluster.world_size}")
+    if trainer.skip_nonfinite:
+        parts.append(f"skipping up to {trainer.skip_nonfinite} non-finite steps")
+    description = ", ".join(parts)
+    if captured:
+        step = CapturedStep(
+            model,
+            loss_fn,
+            optimizer,
+            precision,
+            channels_last,
+            batch_size,
+            required=trainer.cuda_graph is True,
+        )
+        return step, description
+    if trainer.compile:
+        mode = None if trainer.compile == "default" else trainer.compile
+        model.compile(mode=mode)  # in place: state_dict keys stay the same
+    if trainer.skip_nonfinite:
+        return careful_step(model, loss_fn, optimizer, precision, channels_last), description
+    net = model
+    if cluster.distributed:
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    return eager_step(net, model, loss_fn, optimizer, precision, channels_last), description

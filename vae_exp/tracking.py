@@ -18,13 +18,22 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from vae_exp.checkpoint import how_to_go_on, write_failure
 from vae_exp.config import LoggerConfig, one_line
+from vae_exp.outputs import how_to_go_on, write_failure
 
 log = logging.getLogger(__name__)
 
 # What W&B plots against the epoch rather than the optimizer step.
-EPOCH_METRICS = ("train_epoch/*", "val/*", "lr", "seconds", "samples", "reconstructions")
+EPOCH_METRICS = (
+    "train_epoch/*",
+    "val/*",
+    "lr",
+    "skipped_steps",
+    "seconds",
+    "gpu_peak_mib",
+    "samples",
+    "reconstructions",
+)
 
 
 def image_grid(images: Tensor, nrow: int, value_range: tuple[float, float]) -> np.ndarray:

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vae_exp.config import is_count
 from vae_exp.models.base import VAE, Posterior
-from vae_exp.models.conv import check_conv_args, conv_decoder, conv_encoder, is_count
+from vae_exp.models.conv import check_conv_args, conv_decoder, conv_encoder
 
 
 def check_labels(y: Tensor | None, n: int, num_classes: int) -> None:

@@ -7,12 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from vae_exp.config import is_count
 from vae_exp.models.base import DECODER_OUTPUTS, VAE, Posterior
-
-
-def is_count(value: object) -> bool:
-    """An int >= 1 (not a bool): what counts, sizes and dimensions must be."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def check_decoder_output(decoder_output: str) -> None:

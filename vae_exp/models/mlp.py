@@ -9,8 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from vae_exp.config import is_count
 from vae_exp.models.base import VAE, Posterior
-from vae_exp.models.conv import check_decoder_output, is_count
+from vae_exp.models.conv import check_decoder_output
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
