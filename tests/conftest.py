@@ -20,15 +20,18 @@ REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
-# Real MNIST (the tests read its test split): $VAE_EXP_DATA when set, else ../shared/data,
-# else torchvision's download into a cache folder (tried once per session), else tests skip.
+# Real MNIST, both splits (the tests train on the train split and validate and evaluate on the
+# test split, as the original script): $VAE_EXP_DATA when set, else ../shared/data, else
+# torchvision's download into a cache folder (tried once per session), else tests skip.
 DATA_ENV = "VAE_EXP_DATA"
-MNIST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MNIST_TRAIN_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
+MNIST_TEST_FILES = ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MNIST_FILES = (*MNIST_TRAIN_FILES, *MNIST_TEST_FILES)
 DOWNLOAD_HOST = "ossci-datasets.s3.amazonaws.com"  # torchvision's first MNIST mirror
 
 
 def has_mnist(root: Path) -> bool:
-    """Whether root holds MNIST's test split as torchvision stores it (MNIST/raw/*.gz)."""
+    """Whether root holds both of MNIST's splits as torchvision stores them (MNIST/raw/*.gz)."""
     return all((root / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES)
 
 
@@ -52,7 +55,7 @@ def missing_mnist_reason(env: Mapping[str, str], repo: Path, download_error: str
     """Why MNIST-reading tests skip, and how to give them the data."""
     where = ", ".join(str(p) for p in mnist_places(env, repo))
     return (
-        f"real MNIST's test split (MNIST/raw/{' and '.join(MNIST_FILES)}) was not found in "
+        f"real MNIST (MNIST/raw/{', '.join(MNIST_FILES)}) was not found in "
         f"{where}{download_error}. To run these tests, set {DATA_ENV} to a folder holding "
         "MNIST/raw/ with those files (README, Set up)"
     )
@@ -61,7 +64,8 @@ def missing_mnist_reason(env: Mapping[str, str], repo: Path, download_error: str
 @functools.cache
 def download_mnist(root: Path) -> str:
     """Download MNIST into root with torchvision, once per session; "" or why it failed. A
-    quick connection test first, so that no network costs seconds, not minutes."""
+    quick connection test first, so that no network costs seconds, not minutes. torchvision
+    fetches both splits whichever one is asked for."""
     try:
         socket.create_connection((DOWNLOAD_HOST, 443), timeout=5).close()
         from torchvision import datasets
@@ -73,12 +77,13 @@ def download_mnist(root: Path) -> str:
 
 
 DATA_ROOT = find_mnist(os.environ, REPO)
-SHARED_DATA = DATA_ROOT  # the real MNIST (test split, 10,000 images), found as above
+SHARED_DATA = DATA_ROOT  # the real MNIST (60,000 train + 10,000 test images), found as above
 
-# A small model and a few real images: enough to exercise every path in seconds on a CPU.
+# A small model and a few real images: enough to exercise every path in seconds on a CPU. As the
+# original script: the train split trains (its first 256 images), the test split validates
+# (its first 256) and the final evaluation reads the test split (eval.limit follows data.limit).
 TINY = [
     f"data.root={SHARED_DATA}",
-    "data.train_split=test",
     "data.limit=256",
     "model.latent_dim=8",
     "model.hidden_dims=[8,16]",

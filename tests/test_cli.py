@@ -1,4 +1,5 @@
-"""`python -m vae_exp` for real, in subprocesses, on the real MNIST test images."""
+"""`python -m vae_exp` for real, in subprocesses, on real MNIST (the first images of its train
+split train, the first of its test split validate)."""
 
 import json
 import re
@@ -222,7 +223,6 @@ def test_folder_data_end_to_end_and_a_failed_run_is_marked_failed(mnist_root, tm
         "data.channels=1",
         "data.image_size=32",
         "data.num_workers=1",
-        "data.train_split=train",
         "trainer.epochs=1",
     ]
 
@@ -253,10 +253,9 @@ VARIANTS = {
     "sgd+step": ["optim=sgd", "optim/scheduler=step", "optim.scheduler.step_size=1"],
     "adamw+cosine": ["optim=adamw", "optim/scheduler=cosine"],
     "rgb": ["data.channels=3"],
-    "fashion": [
+    "fashion": [  # a second data set, found without a data.root
         "data=fashion_mnist",
         "data.root=null",  # the default places: Debian's folder
-        "data.train_split=train",
         "data.image_size=28",
         "model.hidden_dims=[8,16]",
     ],
@@ -264,7 +263,9 @@ VARIANTS = {
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
-def test_variants_train(name, mnist_root, fashion_dir, tmp_path):
+def test_variants_train(name, mnist_root, tmp_path, request):
+    if name == "fashion":
+        request.getfixturevalue("fashion_dir")  # skips (fails on CI) without Debian's files
     run_dir = tmp_path / "run"
     result = run_cli(
         [*TINY, "logger=none", *VARIANTS[name], f"hydra.run.dir={run_dir}"], cwd=tmp_path
@@ -285,12 +286,13 @@ def test_variants_train(name, mnist_root, fashion_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_model_on_full_fashion_mnist(fashion_dir, tmp_path):
-    """One epoch of the reference settings on all 60,000 Fashion-MNIST images (minutes)."""
+def test_reference_experiment_on_full_mnist(mnist_root, tmp_path):
+    """One epoch of the reference experiment on all 60,000 MNIST training images, validated
+    and evaluated on all 10,000 test images (minutes on a CPU)."""
     run_dir = tmp_path / "run"
     result = run_cli(
         [
-            "data=fashion_mnist",
+            f"data.root={mnist_root}",
             "trainer.epochs=1",
             "logger=none",
             "trainer.progress=false",
@@ -302,5 +304,9 @@ def test_reference_model_on_full_fashion_mnist(fashion_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     [m] = read_metrics(run_dir)
     assert m["step"] == 938  # ceil(60000 / 64), as the seed's DataLoader
-    assert m["val/loss"] < 0.08 and m["val/kld"] > 0
+    # measured (README, Results): val loss 0.0438 after one epoch; the original script's loop
+    # reached 0.0455
+    assert m["val/loss"] < 0.06 and m["val/kld"] > 0
     assert_picture(run_dir / "reconstructions" / "epoch_001.png")
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    assert evaluation["images"] == 10_000 and evaluation["split"] == "test"

@@ -21,6 +21,8 @@ from PIL import Image
 from tests.conftest import (
     DATA_ENV,
     MNIST_FILES,
+    MNIST_TEST_FILES,
+    MNIST_TRAIN_FILES,
     REPO,
     TINY,
     cli_env,
@@ -56,18 +58,30 @@ def test_real_mnist_test_split(mnist_root):
     assert 20 < images.mean() < 50  # real digits: mostly black background
 
 
-def copy_mnist_test_split(mnist_root: Path, root: Path) -> Path:
-    """A folder holding only MNIST's test split (root/MNIST/raw/t10k-*.gz); returns root."""
+def test_real_mnist_train_split(mnist_root):
+    """The canonical 60,000 training digits (the .gz files may be recompressed: the unpacked
+    images' md5 and the label counts identify them)."""
+    raw = mnist_root / "MNIST" / "raw"
+    unpacked = gzip.decompress((raw / "train-images-idx3-ubyte.gz").read_bytes())
+    assert hashlib.md5(unpacked).hexdigest() == "6bbc9ace898e44ae57da46a324031adb"
+    images, labels = load_idx_split("mnist", mnist_root, "train", download=False)
+    assert images.shape == (60_000, 28, 28) and images.dtype == np.uint8
+    counts = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    assert np.bincount(labels).tolist() == counts
+
+
+def copy_mnist(mnist_root: Path, root: Path, files: tuple[str, ...] = MNIST_FILES) -> Path:
+    """A folder holding MNIST's `files` (default: both splits) in root/MNIST/raw; returns root."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True)
-    for name in MNIST_FILES:
+    for name in files:
         shutil.copy(mnist_root / "MNIST" / "raw" / name, raw / name)
     return root
 
 
 def test_a_split_loads_without_the_other_and_a_missing_one_explains(mnist_root, tmp_path):
     # a folder with only the test split: it must load, and train must fail clearly
-    root = copy_mnist_test_split(mnist_root, tmp_path)
+    root = copy_mnist(mnist_root, tmp_path, MNIST_TEST_FILES)
     assert len(load_idx_split("mnist", root, "test", download=False)[0]) == 10_000
     with pytest.raises(DataNotFoundError) as info:
         load_idx_split("mnist", root, "train", download=False)
@@ -281,7 +295,8 @@ def test_replaying_a_pass_from_a_batch_resumes_its_order():
 
 
 def build_binarized(root, mode, seed=0, pixel_range=(0.0, 1.0), overrides=()):
-    """Both splits of the real MNIST test split's first 512 images (train_split=test), with
+    """Both splits of the real MNIST test split's first 512 images (train_split=test: the same
+    images in both, so training batches can be checked against the validation images), with
     the training labels replaced by image indices so that a batch says which images it holds."""
     cfg = compose_cfg(
         [
@@ -417,10 +432,10 @@ def test_cli_trains_on_dynamically_binarized_mnist(mnist_root, tmp_path):
 # Where the data comes from; damaged and crafted files
 
 
-def place_mnist(root: Path) -> Path:
+def place_mnist(root: Path, files: tuple[str, ...] = MNIST_FILES) -> Path:
     """Stand-in MNIST files (their presence is all the search looks at)."""
-    (root / "MNIST" / "raw").mkdir(parents=True)
-    for name in MNIST_FILES:
+    (root / "MNIST" / "raw").mkdir(parents=True, exist_ok=True)
+    for name in files:
         (root / "MNIST" / "raw" / name).write_bytes(b"")
     return root
 
@@ -435,7 +450,9 @@ def test_tests_find_mnist_in_vae_exp_data_then_shared_then_the_cache(tmp_path):
     assert str(shared) in reason and str(cache) in reason and DATA_ENV in reason
     place_mnist(cache)
     assert find_mnist(env, repo) == cache
-    place_mnist(shared)
+    place_mnist(shared, MNIST_TEST_FILES)  # one split is not enough: the tests train on train
+    assert find_mnist(env, repo) == cache
+    place_mnist(shared, MNIST_TRAIN_FILES)
     assert find_mnist(env, repo) == shared
     assert find_mnist({**env, "XDG_CACHE_HOME": str(tmp_path / "xdg")}, repo) == shared
     mine.mkdir()  # $VAE_EXP_DATA wins, and is the only place looked at when set
@@ -453,7 +470,7 @@ def test_tests_read_mnist_from_vae_exp_data_and_skip_without_it(mnist_root, tmp_
     """A real pytest session (a data test) with $VAE_EXP_DATA set: it passes on a folder
     holding MNIST, and skips with the way to fix it on an empty one; never an error."""
     test = "tests/test_data.py::test_real_mnist_test_split"
-    mine = copy_mnist_test_split(mnist_root, tmp_path / "mine")
+    mine = copy_mnist(mnist_root, tmp_path / "mine")
     (tmp_path / "empty").mkdir()
     for folder, outcome in ((mine, "1 passed"), (tmp_path / "empty", "1 skipped")):
         result = subprocess.run(
@@ -502,18 +519,21 @@ def test_a_failed_download_names_data_root_and_leaves_no_folder(tmp_path):
 
 def test_each_split_logs_the_files_it_was_read_from(mnist_root, caplog):
     caplog.set_level(logging.INFO, logger="vae_exp.data")
-    cfg = compose_cfg([f"data.root={mnist_root}", "data.train_split=test", "data.limit=8"])
+    cfg = compose_cfg([f"data.root={mnist_root}", "data.limit=8"])
     build_data(read_data(cfg.data), (0.0, 1.0), torch.device("cpu"), seed=0)
     lines = [r.getMessage() for r in caplog.records if " split: " in r.getMessage()]
-    images = mnist_root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
-    assert len(lines) == 2  # one per split (train and val are both the test split here)
-    assert all(line.startswith("data=mnist test split: read ") for line in lines)
-    assert all(str(images) in line for line in lines)
+    raw = mnist_root / "MNIST" / "raw"
+    assert len(lines) == 2  # one per split: train trains, test validates
+    assert lines[0].startswith("data=mnist train split: read ")
+    assert lines[1].startswith("data=mnist test split: read ")
+    for line, split in zip(lines, ("train", "t10k"), strict=True):
+        assert str(raw / f"{split}-images-idx3-ubyte.gz") in line
+        assert str(raw / f"{split}-labels-idx1-ubyte.gz") in line
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not gzip"])
 def test_a_truncated_or_corrupt_gz_file_is_named(mnist_root, tmp_path, damage):
-    root = copy_mnist_test_split(mnist_root, tmp_path / "data")
+    root = copy_mnist(mnist_root, tmp_path / "data")  # the test split (validation) damaged
     bad = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
     good = bad.read_bytes()
     bad.write_bytes(good[: len(good) // 2] if damage == "truncated" else gzip.decompress(good))

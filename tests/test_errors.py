@@ -93,7 +93,6 @@ def test_missing_data_names_the_paths_and_the_fix(tmp_path):
             *TINY,
             "logger=none",
             f"data.root={empty}",
-            "data.train_split=train",
             "data.download=false",
             f"hydra.run.dir={run_dir}",
         ],

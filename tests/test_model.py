@@ -210,8 +210,8 @@ def test_conditional_bad_arguments(kwargs, message):
 
 @pytest.fixture(scope="module")
 def mnist_batch(mnist_root):
-    """The first 512 real MNIST test digits in [0, 1] at 28 px, and their labels."""
-    images, labels = load_idx_split("mnist", mnist_root, "test", download=False)
+    """The first 512 real MNIST training digits in [0, 1] at 28 px, and their labels."""
+    images, labels = load_idx_split("mnist", mnist_root, "train", download=False)
     x = normalize(prepare_images(images[:512], 28, 1), (0.0, 1.0))
     return x, torch.as_tensor(labels[:512].astype("int64"))
 

@@ -1,15 +1,21 @@
 """With no overrides, vae_exp is the seed's experiment: same settings, data, weights, loss, step."""
 
+import importlib.util
+
 import numpy as np
+import pytest
 import torch
 from hydra.utils import instantiate
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from tests.conftest import compose_cfg
+from tests.conftest import REPO, compose_cfg
 from tests.seed_reference import SeedVAE, seed_loss
-from vae_exp.build import build_model, build_optimizer
+from vae_exp.build import build_experiment, build_model, build_optimizer
 from vae_exp.data import load_idx_split, normalize, prepare_images
+from vae_exp.distributed import Cluster
+from vae_exp.train import validate
 
 
 def test_defaults_are_the_seed_settings():
@@ -25,7 +31,7 @@ def test_defaults_are_the_seed_settings():
 
 
 def test_data_matches_the_seed_transforms(mnist_root):
-    images, _ = load_idx_split("mnist", mnist_root, "test", download=False)
+    images, _ = load_idx_split("mnist", mnist_root, "train", download=False)  # the seed's data
     ours = normalize(prepare_images(images[:200], 32, 1), (-1.0, 1.0))
     seed_transform = transforms.Compose(
         [transforms.Resize(32), transforms.ToTensor(), transforms.Normalize([0.5], [0.5])]
@@ -39,7 +45,7 @@ def test_data_matches_the_seed_transforms(mnist_root):
 
 def test_same_weights_loss_and_adam_step_as_the_seed(mnist_root):
     cfg = compose_cfg()
-    images, _ = load_idx_split("mnist", mnist_root, "test", download=False)
+    images, _ = load_idx_split("mnist", mnist_root, "train", download=False)
     x = normalize(prepare_images(images[:64], 32, 1), (-1.0, 1.0))
 
     torch.manual_seed(123)
@@ -85,3 +91,25 @@ def test_prior_samples_decode_like_the_seed():
     with torch.no_grad():
         assert torch.equal(model.decode(z), seed_model.decode(z))
     assert np.isfinite(model.sample(25).numpy()).all()
+
+
+def test_the_original_loops_validation_is_vae_exps(mnist_root, tmp_path):
+    """benchmarks/original_vs_vaeexp.py (the README's "original script vs vae_exp" table)
+    validates the seed's model through torchvision's MNIST and DataLoader as vae_exp's
+    `validate` does: same weights and test images, noise from seed 0 -> the same number."""
+    spec = importlib.util.spec_from_file_location(
+        "original_vs_vaeexp", REPO / "benchmarks" / "original_vs_vaeexp.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = script.unpack_mnist(mnist_root, tmp_path)
+    loader = DataLoader(script.first(script.mnist(root, train=False), 256), batch_size=64)
+    torch.manual_seed(0)
+    seed_model = SeedVAE((1, 32, 32), 128)
+    theirs = script.validate(seed_model, loader, torch.device("cpu"), seed=0)
+
+    cfg = compose_cfg([f"data.root={mnist_root}", "data.limit=256", "trainer.seed=0"])
+    exp = build_experiment(cfg, Cluster(), torch.device("cpu"))
+    exp.model.load_state_dict(seed_model.state_dict())
+    assert exp.data.val.num_examples == 256
+    assert validate(exp)["loss"] == pytest.approx(theirs, rel=1e-6)

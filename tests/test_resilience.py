@@ -64,7 +64,6 @@ FOLDER = [
     "data.channels=1",
     "data.image_size=32",
     "data.num_workers=1",
-    "data.train_split=train",
 ]
 
 
