@@ -36,18 +36,21 @@ row() {
   local t0=$(date +%s) out
   out=$(timeout "$limit" "$@" 2>&1); local rc=$?
   echo "$out" >>"$LOG"
-  echo "$out" | grep -E '^\| (the original|vae_exp|`python)|^speed-up|^peak|^device' | sed 's/^/    /'
+  local pattern='^\| (the original|vae_exp|`python|validation|checkpoint|gradient)'
+  echo "$out" | grep -E "$pattern|^speed-up|^peak|^device" | sed 's/^/    /'
+  # "| loop | s/epoch | images/s | epochs | notes |" -> "loop: s/epoch (epochs); notes", rows joined
   local rows
-  rows=$(echo "$out" | grep -E '^\| (the original|vae_exp|`python)' | sed 's/^| //; s/ |$//' | tr '\n' ';')
+  rows=$(echo "$out" | grep -E "$pattern" | awk -F' [|] ' '{sub(/^[|] /, "", $1); sub(/ [|]$/, "", $NF);
+    if ($1 ~ /^(validation|checkpoint|gradient)/) printf "%s: %s -> %s (%s). ", $1, $2, $3, $4;
+    else printf "%s: **%s s/epoch** (%s); %s. ", $1, $2, $4, $5}')
   local extra
   extra=$(echo "$out" | grep -E '^speed-up|^peak' | tr '\n' ' ')
   if [ $rc -ne 0 ]; then
     rows="FAILED (exit $rc after $(( $(date +%s) - t0 )) s): $(echo "$out" | grep -v '^\s*$' | tail -2 | tr '\n' ' ' | cut -c1-400)"
   fi
-  echo "| $name | \`$*\` | ${rows//|/;} $extra |" >>"$TABLE"
+  echo "| $name | \`$*\` | ${rows//|/\\|} $extra |" >>"$TABLE"
 }
 
-# DEVICE=cpu LIMIT=256 CLI_EPOCHS=3 BUDGET=300 try the script's mechanics on a CPU
 E="python3 benchmarks/epoch_time.py --device ${DEVICE:-cuda} --root .gpu_data ${LIMIT:+--limit $LIMIT}"
 echo "== tests/test_gpu.py" | tee -a "$LOG"
 if [ "$(left)" -ge 200 ]; then
@@ -57,6 +60,7 @@ fi
 row "batch 64: original loop vs the default step (CUDA graph, fused Adam, fp32)" 100 $E --epochs 3
 row "the whole reference experiment, 100 epochs, wall clock (target < 120 s)" 200 $E --skip-original --cli ${CLI_EPOCHS:-100}
 row "batch 1024, bf16 + channels_last, captured (target <= 0.2 s/epoch)" 45 $E --skip-original --epochs 3 --batch-size 1024 --precision bf16 --channels-last
+row "epoch parts: validation batch size, checkpoint hand-off, gradient norm" 60 python3 benchmarks/parts.py --device ${DEVICE:-cuda} --root .gpu_data ${LIMIT:+--val-images $LIMIT}
 row "batch 64: torch.compile inside the CUDA graph" 150 $E --skip-original --epochs 3 --compile default
 row "batch 64: captured, unfused (foreach) Adam" 45 $E --skip-original --epochs 3 --fused false
 row "batch 64: eager (no CUDA graph), fused Adam" 60 $E --skip-original --epochs 2 --cuda-graph false

@@ -45,7 +45,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
-from vae_exp.config import ConfigError, one_line
+from vae_exp.config import ConfigError, one_line, val_batch_size
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -616,7 +616,10 @@ def split_batches(
     dataset = load_split(cfg, split)
     shuffle = role == "train"
     mode = cfg.binarize if role == "train" or cfg.binarize == "none" else "static"
-    batch_size = cfg.batch_size if role == "train" else cfg.val_batch_size
+    if role == "train":
+        batch_size = cfg.batch_size
+    else:
+        batch_size = val_batch_size(cfg.val_batch_size, device.type)
     if mode == "static":
         split_seed = static_seed(role, seed)
         if isinstance(dataset, TensorDataset):
