@@ -230,20 +230,34 @@ def time_cli(args) -> dict:
             f"hydra.run.dir={run_dir}",
         ]
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        try:
+            done = subprocess.run(
+                command, cwd=REPO, capture_output=True, text=True, timeout=args.cli_timeout
+            )
+            finished = True
+        except subprocess.TimeoutExpired as stopped:  # killed: report the epochs it did
+            done = subprocess.CompletedProcess(command, 0, stopped.stdout, stopped.stderr)
+            finished = False
         wall = time.perf_counter() - start
         if done.returncode != 0:
             sys.exit(f"the CLI run failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         epochs = [m for m in map(json.loads, lines) if "epoch" in m]
-        output = done.stdout + done.stderr
+        if not epochs:
+            sys.exit(f"the CLI run finished no epoch in {wall:.0f} s")
+        output = _text(done.stdout) + _text(done.stderr)
         step_line = next((ln for ln in output.splitlines() if "; step: " in ln), "")
     return {
         "wall": wall,
+        "finished": finished,
         "logged": [m["seconds"] for m in epochs],
         "last": epochs[-1],
         "description": step_line.split("; step: ", 1)[-1].split("; outputs", 1)[0],
     }
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
 
 
 def machine(device: torch.device) -> str:
@@ -282,6 +296,9 @@ def main() -> None:
     parser.add_argument(
         "--cli", type=int, metavar="N", help="time the real CLI for N epochs instead of train_epoch"
     )
+    parser.add_argument(
+        "--cli-timeout", type=float, help="stop the CLI run after this many s (report its epochs)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -296,12 +313,18 @@ def main() -> None:
         print(f"| the original script's DataLoader loop | {s:.2f} | {n / s:.0f} | {times} | fp32 |")
     if args.cli:
         run = time_cli(args)
-        per_epoch = run["wall"] / args.cli
         logged = run["logged"]
+        per_epoch = run["wall"] / len(logged)
         later = statistics.median(logged[1:]) if len(logged) > 1 else logged[0]
+        whole = (
+            f"whole run {run['wall']:.1f} s"
+            if run["finished"]
+            else f"STOPPED after {run['wall']:.0f} s (--cli-timeout) with {len(logged)} of "
+            f"{args.cli} epochs done: about {run['wall'] / len(logged) * args.cli:.0f} s for all"
+        )
         print(
             f"| `python -m vae_exp`, {args.cli} epochs, wall clock / epochs | {per_epoch:.2f} | "
-            f"{n / per_epoch:.0f} | whole run {run['wall']:.1f} s | {run['description']}; "
+            f"{n / per_epoch:.0f} | {whole} | {run['description']}; "
             f"logged seconds: epoch 1 {logged[0]:.2f}, median of the rest {later:.2f}; "
             f"final val loss {run['last']['val/loss']:.5f} |"
         )
