@@ -166,4 +166,6 @@ def sweep_2x2(tmp_path_factory, mnist_root) -> Path:
         env={"WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    closing = f"Sweep finished: 4 jobs in {sweep}. Compare them with: python -m vae_exp.compare"
+    assert closing in result.stdout
     return sweep

@@ -1,6 +1,6 @@
 """Burda et al. 2015's Table 1: the MLP with several hidden layers, the IWAE loss's `elbo` bound,
-the staged learning-rate schedule, experiment=burda_vae / burda_iwae, their bad values, and
-benchmarks/burda_table.py end to end on a tiny budget."""
+the staged learning-rate schedule, experiment=burda_vae / burda_iwae (their bad values are in
+tests/test_errors.py's table), and benchmarks/burda_table.py end to end on a tiny budget."""
 
 import json
 import math
@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import REPO, SHARED_DATA, TINY, cli_env, compose_cfg, run_cli
+from tests.conftest import REPO, SHARED_DATA, cli_env, compose_cfg
 from vae_exp.build import build_model, build_optimizer
 from vae_exp.likelihood import log_normal_diag, log_px_given_z, log_standard_normal
 from vae_exp.losses import IWAELoss
@@ -22,41 +22,6 @@ from vae_exp.schedules import StagedLR
 
 # Burda et al. 2015, Table 1, MNIST, one stochastic layer: test -log p(x) in nats (k = 5000).
 PAPER = {"VAE (k=1)": 86.76, "VAE (k=50)": 86.35, "IWAE (k=50)": 84.78}
-
-# Bad command lines: (overrides after TINY, texts the error must contain), as in test_errors.
-CASES = [
-    (["experiment=burda_vae", "model.hidden_dims=[]"], ["model.hidden_dims=[]", "non-empty"]),
-    (
-        ["experiment=burda_vae", "model.hidden_dim=200"],
-        ["model.hidden_dim=200 and model.hidden_dims=[8, 16]", "set model.hidden_dim=null"],
-    ),
-    (["model=mlp_vae", "model.hidden_dims=[200,200]"], ["are both set", "hidden_dim=500"]),
-    (["experiment=burda_vae", "loss.bound=mean"], ["loss.bound='mean'", "iwae | elbo"]),
-    (
-        ["experiment=burda_vae", "optim.scheduler.epochs=100"],
-        ["optim.scheduler.epochs=100", "the sum of stage_epochs, 3280"],
-    ),
-    (
-        ["experiment=burda_vae", "optim.scheduler.stage_epochs=[1,0]"],
-        ["optim.scheduler.stage_epochs=[1, 0]", "integers >= 1"],
-    ),
-    (["experiment=burda"], ["Could not find 'experiment/burda'", "burda_vae", "burda_iwae"]),
-]
-
-
-@pytest.mark.parametrize(("overrides", "expected"), CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_burda_config_fails_before_training(overrides, expected, tmp_path):
-    run_dir = tmp_path / "run"
-    args = [*TINY, *overrides, "logger=none", f"hydra.run.dir={run_dir}"]
-    result = run_cli(args, cwd=tmp_path)
-    output = result.stdout + result.stderr
-    assert result.returncode == (1 if expected[0].startswith("Could not") else 2), output[-2000:]
-    for text in expected:
-        assert text in output, output[-2000:]
-    assert "Traceback" not in output
-    assert not (run_dir / "metrics.jsonl").exists()
-    assert not (run_dir / "checkpoints").exists()
-
 
 # --------------------------------------------------------------------------------------------
 # The model: MLPVAE with hidden_dims

@@ -23,7 +23,13 @@ CASES = [
     (["optim.optimizer.fused=maybe"], ["optim.optimizer.fused='maybe'", "true | false | null"]),
     (["trainer.epochs=0"], ["trainer.epochs", "an integer >= 1"]),
     (["+trainer.epoch=3"], ["unknown key trainer.epoch", "epochs"]),
-    (["trainer.epoch=3"], ["Could not override 'trainer.epoch'"]),
+    (["trainer.epoch=3"], ["unknown key trainer.epoch (did you mean trainer.epochs?)", "seed"]),
+    (
+        ["model.latent_dims=64"],
+        ["unknown key model.latent_dims (did you mean model.latent_dim?)", "hidden_dims"],
+    ),
+    (["data.val_batch_size=0"], ["data.val_batch_size=0", "auto (1024 on CUDA, 64 elsewhere)"]),
+    (["eval.batch_size=big"], ["eval.batch_size='big'", "auto (1024 on CUDA, 64 elsewhere)"]),
     (["data.train_split=valid"], ["data.train_split", "train | test"]),
     (["data.batch_size=0"], ["data.batch_size=0", "an integer >= 1"]),
     (["data.channels=2"], ["data.channels=2", "1 (grey) or 3 (RGB)"]),
@@ -59,6 +65,23 @@ CASES = [
         ["data.root=/nonexistent/dir is not a directory", "or null"],
     ),
     (["data=folder", "data.root=null"], ["data.root=None", "a folder path"]),
+    # Burda et al.'s experiments (tests/test_burda.py)
+    (["experiment=burda_vae", "model.hidden_dims=[]"], ["model.hidden_dims=[]", "non-empty"]),
+    (
+        ["experiment=burda_vae", "model.hidden_dim=200"],
+        ["model.hidden_dim=200 and model.hidden_dims=[8, 16]", "set model.hidden_dim=null"],
+    ),
+    (["model=mlp_vae", "model.hidden_dims=[200,200]"], ["are both set", "hidden_dim=500"]),
+    (["experiment=burda_vae", "loss.bound=mean"], ["loss.bound='mean'", "iwae | elbo"]),
+    (
+        ["experiment=burda_vae", "optim.scheduler.epochs=100"],
+        ["optim.scheduler.epochs=100", "the sum of stage_epochs, 3280"],
+    ),
+    (
+        ["experiment=burda_vae", "optim.scheduler.stage_epochs=[1,0]"],
+        ["optim.scheduler.stage_epochs=[1, 0]", "integers >= 1"],
+    ),
+    (["experiment=burda"], ["Could not find 'experiment/burda'", "burda_vae", "burda_iwae"]),
 ]
 if not torch.cuda.is_available():
     CASES.append(

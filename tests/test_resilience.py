@@ -421,9 +421,47 @@ def test_the_background_writer_links_best_to_last_and_keeps_it(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]
     writer.submit({"bad": threading.Lock()}, last, None)  # cannot be pickled
     with pytest.raises(TypeError, match="pickle"):
-        writer.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # training's check at its log points: no waiting
+            writer.check()
+            time.sleep(0.01)
     assert load_checkpoint(last)["epoch"] == 2  # the failed write replaced nothing
     writer.wait()  # the error was raised once
+    assert writer.written == last  # the last write that completed
+
+
+def test_a_snapshot_is_a_state_dict_like_the_original():
+    """OrderedDicts stay OrderedDicts, with the module versions load_state_dict reads."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    original = model.state_dict()
+    copied = snapshot({"model": original})["model"]
+    assert type(copied) is type(original) and list(copied) == list(original)
+    assert copied._metadata == original._metadata
+    assert all(copied[k] is not original[k] and torch.equal(copied[k], original[k]) for k in copied)
+
+
+def test_resuming_takes_todays_fused_setting(mnist_root, tmp_path):
+    """A checkpoint of the default (unfused on a CPU) Adam resumes with fused Adam when the
+    resumed run asks for it (optim.optimizer.fused may change on resume)."""
+    first = tmp_path / "first"
+    args = [*TINY, "trainer.epochs=1", "logger=none", "eval.enabled=false"]
+    assert run_cli([*args, f"hydra.run.dir={first}"], cwd=tmp_path).returncode == 0
+    saved = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["optimizer"]["param_groups"][0]["fused"] is None
+    resumed = run_cli(
+        [
+            *args,
+            "trainer.epochs=2",
+            "optim.optimizer.fused=true",
+            f"trainer.resume={first}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "fused Adam" in resumed.stdout + resumed.stderr
+    again = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
+    assert again["epoch"] == 2 and again["optimizer"]["param_groups"][0]["fused"] is True
 
 
 def test_sigkill_while_a_checkpoint_is_being_written_resumes_from_a_valid_one(mnist_root, tmp_path):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import CompactHydraException
+from hydra.errors import CompactHydraException, ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
@@ -121,9 +123,59 @@ def prepare_torchrun(argv: list[str]) -> None:
         argv += ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
+def check_override_keys(args: list[str]) -> None:
+    """A misspelt key (`model.latent_dims=64`) gets one paragraph naming it, the nearest key
+    and the keys its section has, and exit code 2, instead of Hydra's advice to add it with
+    `+`. The overrides are composed once here, a sweep's with the first value of each swept
+    key (not for a sweep over config groups); whatever else goes wrong is left to Hydra."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return  # Hydra's own flags (--help, --cfg, -sc, ...)
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [a for a in args if a not in ("-m", "--multirun")]
+        )
+        single = [
+            f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}"
+            if o.is_sweep_override()
+            else o.input_line
+            for o in parsed
+        ]
+    except Exception:  # a syntax Hydra explains, or a sweep without values (interval)
+        return
+    if any(o.is_sweep_override() and "." not in o.key_or_group for o in parsed):
+        return  # a sweep over config groups (model=a,b): their keys differ from job to job
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        try:
+            compose(config_name="config", overrides=single)
+            return
+        except ConfigCompositionException as e:
+            found = re.match(r"Could not override '([^']+)'", str(e))
+            if not found or "not in struct" not in str(e.__cause__):
+                return
+            key = found.group(1)
+        try:
+            rest = [o for o in single if o.partition("=")[0] != key]
+            cfg = compose(config_name="config", overrides=rest)
+        except Exception:
+            return
+    parent, _, leaf = key.rpartition(".")
+    section = OmegaConf.select(cfg, parent) if parent else cfg
+    keys = [str(k) for k in section] if isinstance(section, DictConfig) else []
+    near = difflib.get_close_matches(leaf, keys, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{near[0]}?)" if near else ""
+    where = f"the keys of {parent} are" if parent else "the top-level keys are"
+    print(
+        f"vae_exp: Invalid config: unknown key {key}{hint}; {where}: {', '.join(keys)}. "
+        "Nothing was run.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
 def cli() -> None:
     """`python -m vae_exp` and the `vae_exp` console script (pyproject.toml), with which
     Hydra's tab completion works: `eval "$(vae_exp -sc install=bash)"`."""
+    check_override_keys(sys.argv[1:])
     prepare_torchrun(sys.argv)
     main()
 

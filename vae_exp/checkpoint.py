@@ -15,6 +15,7 @@ import secrets
 import shutil
 import tempfile
 import threading
+from copy import deepcopy
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +26,15 @@ from vae_exp.config import ConfigError, one_line
 from vae_exp.outputs import caused_by_os_error, how_to_go_on, write_failure
 
 FORMAT_VERSION = 1
+
+
+def _current_umask() -> int:
+    umask = os.umask(0)  # the only way to read it; done once, at import (one thread)
+    os.umask(umask)
+    return umask
+
+
+UMASK = _current_umask()  # checkpoints get the permissions any new file of the user gets
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +78,7 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; checkpoints are shared like any file
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; checkpoints are shared like any file
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, "checksum": checksum(state), **state}, f)
             f.flush()
@@ -125,8 +133,11 @@ def snapshot(state: Any) -> Any:
                 return value.detach().clone()
             on_gpu.append(value.device)
             return value.detach().to("cpu", non_blocking=True)
-        if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, dict):  # an OrderedDict stays one, with its module versions
+            copied = type(value)((k, copy(v)) for k, v in value.items())
+            if hasattr(value, "_metadata"):
+                copied._metadata = deepcopy(value._metadata)
+            return copied
         if isinstance(value, list | tuple):
             return type(value)(copy(v) for v in value)
         return value  # numbers, strings, None: immutable
@@ -150,6 +161,7 @@ class CheckpointWriter:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.written: Path | None = None  # the last `last` whose write has completed
 
     def submit(self, state: dict[str, Any], last: Path | None, best: Path | None) -> None:
         self.wait()
@@ -163,14 +175,22 @@ class CheckpointWriter:
     def _write(self, state: dict[str, Any], last: Path | None, best: Path | None) -> None:
         try:
             save_checkpoint(last or best, state)
-            if last is not None and best is not None:
-                link_or_copy(last, best)
-        except BaseException as e:  # raised in the training thread by wait()
+            if last is not None:
+                self.written = last
+                if best is not None:
+                    link_or_copy(last, best)
+        except BaseException as e:  # raised in the training thread by wait() or check()
             self._error = e
 
     def pending(self) -> bool:
         """Whether a write is still in flight."""
         return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Without waiting: raise the error of a write that has failed (training calls this
+        at its log points, so a full disk stops the run within a few steps)."""
+        if not self.pending():
+            self.wait()
 
     def wait(self) -> None:
         if self._thread is not None:
@@ -466,6 +486,10 @@ def resume_or_start(exp: Parts, run_dir: Path) -> Start:
         )
     exp.model.load_state_dict(state["model"])
     exp.optimizer.load_state_dict(state["optimizer"])
+    for group in exp.optimizer.param_groups:  # how to compute the update: today's settings
+        for key in ("fused", "foreach"):
+            if key in exp.optimizer.defaults:
+                group[key] = exp.optimizer.defaults[key]
     if exp.scheduler is not None and state["scheduler"] is not None:
         exp.scheduler.load_state_dict(state["scheduler"])
     exp.loss_fn.load_state_dict(state.get("loss") or {})

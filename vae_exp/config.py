@@ -106,7 +106,7 @@ class EvalConfig:
 
     enabled: bool = True  # evaluate the final model when training ends
     k: int | str = "auto"  # importance samples per image for log p(x); auto: 1000 on CUDA
-    chunk: int = 16  # samples decoded at once per image (memory: chunk x batch images)
+    chunk: int = 8  # samples decoded at once per image (memory: chunk x batch images)
     split: str = "test"
     limit: int | None = None  # first N images of the split (null: all)
     batch_size: int | str = "auto"  # images per batch: auto | an integer (data.val_batch_size)

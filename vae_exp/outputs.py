@@ -125,7 +125,9 @@ class ClaimRunDir(Callback):
     folder (.hydra/, the log file), claim it (`claim_run_dir`) and check that the log file can
     be written; before a sweep, check that its folder can be written. A refusal is one
     paragraph and exit code 2, not Hydra's traceback. Under torchrun only rank 0 has a run
-    folder (the others run in ".", which is not claimed)."""
+    folder (the others run in ".", which is not claimed). When a sweep's jobs have all
+    succeeded, one line says where they are and how to compare them (a failed job ends the
+    sweep with vae_exp.__main__'s summary instead)."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if launched_by_torchrun() and global_rank() != 0:
@@ -159,6 +161,14 @@ class ClaimRunDir(Callback):
                 "Choose a writable folder with hydra.sweep.dir=<path>, or make this one writable."
             )
             refuse(write_failure("the sweep folder", sweep_dir, e, then))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
+        print(
+            f"Sweep finished: {len(jobs)} jobs in {sweep_dir}. Compare them with: "
+            f"python -m vae_exp.compare {sweep_dir}"
+        )
 
 
 def refuse(error: ConfigError) -> None:

@@ -71,18 +71,21 @@ def terms_function(
 class CompiledTerms:
     """A terms function compiled with torch.compile (forward and loss in one graph, so their
     pointwise work fuses; the backward is compiled too). The noise still comes from PyTorch's
-    own generator (inductor's fallback_random), as in the eager step, so a CUDA graph replays
-    fresh noise. If compiling fails (an unsupported combination of this torch, device and
-    model), the first step says why and every step runs the eager function."""
+    own generator (inductor's fallback_random, set for this compile only), as in the eager
+    step, so a CUDA graph replays fresh noise. If compiling fails (an unsupported combination
+    of this torch, device and model), the first step says why and every step runs the eager
+    function."""
 
     def __init__(self, terms: TermsFn, mode: str) -> None:
         self.eager, self.mode = terms, mode
         self.works: bool | None = None  # unknown until the first step has run
         try:
-            import torch._inductor.config as inductor_config
+            from torch._inductor import list_mode_options
 
-            inductor_config.fallback_random = True
-            self.compiled = torch.compile(terms, mode=None if mode == "default" else mode)
+            # the mode's own options, plus aten's random ops (this compile only)
+            options = {**list_mode_options(mode)}  # "default" -> {}
+            options["fallback_random"] = True
+            self.compiled = torch.compile(terms, options=options)
         except Exception as e:  # torch.compile refuses this platform or setting
             self.failed(e)
 

@@ -86,7 +86,7 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
             run_dir, exp.config, exp.logger, start.history, start.wandb_id, labels, cluster.is_main
         )
         fixed_x, fixed_y = (t[: trainer.num_reconstructions] for t in next(iter(data.val)))
-        last_good = start.checkpoint  # the newest checkpoint with finite weights
+        last_good = start.checkpoint  # resumed from; then the writer's newest last.pt
         done = [m for m in start.history if "val/loss" in m]  # the metrics of finished epochs
         writer = CheckpointWriter()  # writes checkpoints while the next epoch trains
         try:
@@ -95,13 +95,13 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                 epoch, began = pos.epoch + 1, time.perf_counter()
                 data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
                 if not cluster.any(stop.requested, device):
-                    train_epoch(exp, step, pos, tracker, stop, last_good)
+                    train_epoch(exp, step, pos, tracker, stop, writer.written or last_good, writer)
                 if cluster.any(stop.requested, device):  # during or before the epoch
                     save_and_stop(exp, pos, data_rng, tracker, stop, run_dir, writer)
                 train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
                 cluster.share_buffers(exp.model)
                 val_terms = validate(exp)
-                check_epoch(exp, epoch, pos, val_terms, last_good)
+                check_epoch(exp, epoch, pos, val_terms, writer.written or last_good)
                 lr = exp.optimizer.param_groups[0]["lr"]
                 if exp.scheduler is not None:
                     exp.scheduler.step()
@@ -119,6 +119,7 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                     )
                     for name, grid in grids.items():
                         tracker.log_image(epoch, name, grid)
+                    writer.wait()  # the previous epoch's write (usually done long since)
                     state = snapshot(checkpoint_state(exp, pos, None, tracker.wandb_id))
                 # The epoch's seconds: training, validation, pictures and the checkpoint's
                 # hand-off to the writer (its writing overlaps the next epoch).
@@ -133,7 +134,6 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                         if improved and trainer.checkpoint.save_best
                         else None,
                     )
-                    last_good = last if trainer.checkpoint.save_last else last_good
                 tracker.log_epoch(metrics)
                 log_epoch_line(metrics, trainer.epochs)
                 done.append(metrics)
@@ -171,6 +171,7 @@ def train_epoch(
     tracker: Tracker,
     stop: StopRequest,
     last_good: Path | None = None,
+    writer: CheckpointWriter | None = None,
 ) -> None:
     """Train on the batches of one epoch from batch `pos.batches_done` on, updating `pos`.
     `step(x, y)` is the training step make_step built: it returns the loss terms, or None
@@ -180,7 +181,8 @@ def train_epoch(
     sync per step). A non-finite loss or gradient stops training (`NonFiniteLoss`, naming the
     first such step and `last_good`, the checkpoint kept). Returns early, after a whole step,
     when `stop` has caught a signal (in every process of a distributed run: they agree at the
-    log points)."""
+    log points). At the log points a failed background checkpoint write (`writer`) stops the
+    run with its error."""
     trainer, cluster, batches = exp.trainer, exp.cluster, exp.data.train
     exp.model.train()
     device = exp.device
@@ -225,6 +227,8 @@ def train_epoch(
             else:
                 stopping = stop.requested
             if window_steps and (at_log_point or stopping):
+                if writer is not None:
+                    writer.check()
                 if first_bad.item() >= 0:
                     bad_terms = dict(zip(names, bad.tolist()))
                     raise NonFiniteLoss(
