@@ -273,12 +273,19 @@ def machine(device: torch.device) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda"
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--limit", type=int, default=None, help="first N training images")
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs per loop")
-    parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
+    parser.add_argument(
+        "--root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST's IDX files"
+    )
     parser.add_argument(
         "--precision", default="fp32", choices=["fp32", "bf16"], help="vae_exp (the original: fp32)"
     )

@@ -60,10 +60,19 @@ def per_tensor_norm(model: torch.nn.Module) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--root", default="/usr/share/datasets/fashion-mnist")
-    parser.add_argument("--val-images", type=int, default=10_000)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu | cuda"
+    )
+    parser.add_argument(
+        "--root", default="/usr/share/datasets/fashion-mnist", help="Fashion-MNIST's IDX files"
+    )
+    parser.add_argument(
+        "--val-images", type=int, default=10_000, help="validation images (and train images)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     rows = []

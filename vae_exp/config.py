@@ -230,8 +230,8 @@ def check_val_batch_size(value: Any, key: str) -> None:
 def val_batch_size(setting: int | str, device_type: str) -> int:
     """Images per validation or evaluation batch: the setting, or for `auto` 1024 on CUDA
     (a GPU runs a big batch in about the time of a small one) and 64 elsewhere (measured on a
-    2-core CPU: 10,000 validation images took 1.95 s in batches of 64, 4.5 s in batches of
-    1024; benchmarks/RESULTS.md)."""
+    2-core CPU: 10,000 validation images took about 2 s in batches of 64, 4.5 s in batches
+    of 1024; benchmarks/RESULTS.md)."""
     if setting != "auto":
         return int(setting)
     return 1024 if device_type == "cuda" else 64

@@ -176,7 +176,12 @@ def download_with_torchvision(dataset: str, root: Path | None, train: bool) -> s
         if created is not None and not any(p.is_file() for p in created.rglob("*")):
             shutil.rmtree(created, ignore_errors=True)
         key = f"data.root={root}" if root is not None else f"{target} (data.root=null)"
-        return f" Download with torchvision into {key} failed: {one_line(e)}."
+        typo = (
+            f" data.root={root} did not exist before (a typo?)."
+            if root is not None and created is not None
+            else ""
+        )
+        return f"{typo} Download with torchvision into {key} failed: {one_line(e)}."
     return ""
 
 
