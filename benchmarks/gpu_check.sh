@@ -8,7 +8,7 @@
 #   cp /usr/share/datasets/fashion-mnist/*.gz .gpu_data/
 # then run `bash benchmarks/gpu_check.sh` with carry [".whl", ".gpu_data"] and timeout_s 600.
 set -u
-BUDGET=${BUDGET:-460}   # seconds for everything after the install
+BUDGET=${BUDGET:-470}   # seconds for everything after the install
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
@@ -53,13 +53,16 @@ row() {
 
 E="python3 benchmarks/epoch_time.py --device ${DEVICE:-cuda} --root .gpu_data ${LIMIT:+--limit $LIMIT}"
 row "batch 64: original loop vs the default step (CUDA graph, fused Adam, fp32)" 100 $E --epochs 3
-row "the whole reference experiment, 100 epochs, wall clock (target < 120 s)" 270 $E --skip-original --cli ${CLI_EPOCHS:-100} --cli-timeout 240
+row "the whole reference experiment, 100 epochs, wall clock (target < 120 s)" 200 $E --skip-original --cli ${CLI_EPOCHS:-100} --cli-timeout 180
 echo "== tests/test_gpu.py" | tee -a "$LOG"
-if [ "$(left)" -ge 150 ]; then
-  t=$(timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee -a "$LOG" | tail -1)
-  echo "| tests/test_gpu.py (CUDA graph, fused Adam, compile in the graph, fresh noise) | \`pytest tests/test_gpu.py\` | $t |" >>"$TABLE"
+if [ "$(left)" -ge 180 ]; then  # one line per test as it ends, so a timeout keeps the results
+  timeout 180 python3 -m pytest -v -p no:cacheprovider tests/test_gpu.py >"$OUT/test_gpu.log" 2>&1
+  rc=$?; cat "$OUT/test_gpu.log" >>"$LOG"
+  t=$(grep -E " (PASSED|FAILED|ERROR|SKIPPED)" "$OUT/test_gpu.log" | sed -E 's/.*::(\S+) (PASSED|FAILED|ERROR|SKIPPED).*/\1 \2/' | tr '\n' ';')
+  [ $rc -eq 124 ] && t="$t STOPPED at 180 s"
+  echo "| tests/test_gpu.py (CUDA graph, fused Adam, compile in the graph, fresh noise) | \`pytest tests/test_gpu.py\` | ${t:-no result (exit $rc)} |" >>"$TABLE"
 else
-  echo "| tests/test_gpu.py | \`pytest tests/test_gpu.py\` | skipped: $(left) s of the budget left, needs up to 150 s |" >>"$TABLE"
+  echo "| tests/test_gpu.py | \`pytest tests/test_gpu.py\` | skipped: $(left) s of the budget left, needs up to 180 s |" >>"$TABLE"
 fi
 
 row "batch 1024, bf16 + channels_last, captured (target <= 0.2 s/epoch)" 45 $E --skip-original --epochs 3 --batch-size 1024 --precision bf16 --channels-last

@@ -101,6 +101,7 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                 train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
                 cluster.share_buffers(exp.model)
                 val_terms = validate(exp)
+                writer.wait()  # the previous epoch's write (usually done long since)
                 check_epoch(exp, epoch, pos, val_terms, writer.written or last_good)
                 lr = exp.optimizer.param_groups[0]["lr"]
                 if exp.scheduler is not None:
@@ -119,7 +120,6 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
                     )
                     for name, grid in grids.items():
                         tracker.log_image(epoch, name, grid)
-                    writer.wait()  # the previous epoch's write (usually done long since)
                     state = snapshot(checkpoint_state(exp, pos, None, tracker.wandb_id))
                 # The epoch's seconds: training, validation, pictures and the checkpoint's
                 # hand-off to the writer (its writing overlaps the next epoch).
@@ -153,6 +153,15 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
             raise
         tracker.finish(exit_code=0)
         return pos.best_val_loss
+
+
+def kept_after_writes(writer: CheckpointWriter | None, last_good: Path | None) -> Path | None:
+    """The newest checkpoint on disk once the pending write has landed: what a run that
+    stops now keeps."""
+    if writer is None:
+        return last_good
+    finish_writing(writer)
+    return writer.written or last_good
 
 
 def finish_writing(writer: CheckpointWriter) -> None:
@@ -209,7 +218,8 @@ def train_epoch(
             if terms is None:  # a skipped non-finite step
                 pos.skipped += 1
                 if pos.skipped > trainer.skip_nonfinite:
-                    raise NonFiniteLoss(nonfinite_message(pos.step + 1, None, trainer, last_good))
+                    good = kept_after_writes(writer, last_good)
+                    raise NonFiniteLoss(nonfinite_message(pos.step + 1, None, trainer, good))
             else:
                 pos.step += 1
                 pos.epoch_steps += 1
@@ -231,8 +241,9 @@ def train_epoch(
                     writer.check()
                 if first_bad.item() >= 0:
                     bad_terms = dict(zip(names, bad.tolist()))
+                    good = kept_after_writes(writer, last_good)
                     raise NonFiniteLoss(
-                        nonfinite_message(first_bad.item(), bad_terms, trainer, last_good)
+                        nonfinite_message(first_bad.item(), bad_terms, trainer, good)
                     )
                 means = cluster.sum_(window.clone()) / (cluster.world_size * window_steps)
                 bar.set_postfix(loss=f"{sums[names.index('loss')].item() / pos.epoch_steps:.4f}")
