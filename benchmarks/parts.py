@@ -17,10 +17,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from epoch_time import timed  # beside this file (run as python benchmarks/parts.py)
 from hydra import compose, initialize_config_dir
 
 from vae_exp.build import build_experiment
@@ -40,17 +40,8 @@ CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def seconds(fn, device: torch.device, repeat: int = 3) -> float:
-    """The median wall time of `repeat` calls of fn (the device synchronised)."""
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """The median wall time of `repeat` calls of fn (epoch_time.timed: device synchronised)."""
+    return statistics.median(timed(fn, device) for _ in range(repeat))
 
 
 def per_tensor_norm(model: torch.nn.Module) -> torch.Tensor:

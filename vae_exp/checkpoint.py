@@ -158,10 +158,12 @@ class CheckpointWriter:
     for the pending write and raises its error (an OutputError naming the file), if it had
     one; call it before stopping, at the end of training and on the way out of an error."""
 
-    def __init__(self) -> None:
+    def __init__(self, written: Path | None = None) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self.written: Path | None = None  # the last `last` whose write has completed
+        # the newest good checkpoint: `written` (a run resumed from it), then each `last`
+        # whose write has completed
+        self.written = written
 
     def submit(self, state: dict[str, Any], last: Path | None, best: Path | None) -> None:
         self.wait()

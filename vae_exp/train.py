@@ -86,23 +86,23 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
             run_dir, exp.config, exp.logger, start.history, start.wandb_id, labels, cluster.is_main
         )
         fixed_x, fixed_y = (t[: trainer.num_reconstructions] for t in next(iter(data.val)))
-        last_good = start.checkpoint  # resumed from; then the writer's newest last.pt
         done = [m for m in start.history if "val/loss" in m]  # the metrics of finished epochs
-        writer = CheckpointWriter()  # writes checkpoints while the next epoch trains
+        # writes checkpoints while the next epoch trains; knows the newest good one
+        writer = CheckpointWriter(written=start.checkpoint)
         try:
             # 2. Epochs: train, stop if asked, validate, pictures, checkpoint, log.
             while pos.epoch < trainer.epochs:
                 epoch, began = pos.epoch + 1, time.perf_counter()
                 data_rng = data.train.generator.get_state()  # this epoch's order, for resuming
                 if not cluster.any(stop.requested, device):
-                    train_epoch(exp, step, pos, tracker, stop, writer.written or last_good, writer)
+                    train_epoch(exp, step, pos, tracker, stop, writer)
                 if cluster.any(stop.requested, device):  # during or before the epoch
                     save_and_stop(exp, pos, data_rng, tracker, stop, run_dir, writer)
                 train_terms = {k: v / max(pos.epoch_steps, 1) for k, v in pos.sums.items()}
                 cluster.share_buffers(exp.model)
                 val_terms = validate(exp)
                 writer.wait()  # the previous epoch's write (usually done long since)
-                check_epoch(exp, epoch, pos, val_terms, writer.written or last_good)
+                check_epoch(exp, epoch, pos, val_terms, writer.written)
                 lr = exp.optimizer.param_groups[0]["lr"]
                 if exp.scheduler is not None:
                     exp.scheduler.step()
@@ -155,13 +155,13 @@ def fit(cfg: DictConfig, run_dir: Path, labels: RunLabels | None = None) -> floa
         return pos.best_val_loss
 
 
-def kept_after_writes(writer: CheckpointWriter | None, last_good: Path | None) -> Path | None:
-    """The newest checkpoint on disk once the pending write has landed: what a run that
-    stops now keeps."""
+def kept_after_writes(writer: CheckpointWriter | None) -> Path | None:
+    """The newest good checkpoint once the pending write has landed: what a run that stops
+    now keeps (None without a writer, or before any checkpoint)."""
     if writer is None:
-        return last_good
+        return None
     finish_writing(writer)
-    return writer.written or last_good
+    return writer.written
 
 
 def finish_writing(writer: CheckpointWriter) -> None:
@@ -179,7 +179,6 @@ def train_epoch(
     pos: Position,
     tracker: Tracker,
     stop: StopRequest,
-    last_good: Path | None = None,
     writer: CheckpointWriter | None = None,
 ) -> None:
     """Train on the batches of one epoch from batch `pos.batches_done` on, updating `pos`.
@@ -188,10 +187,10 @@ def train_epoch(
 
     Loss terms are summed on the device and read back only every `log_every` steps (no host
     sync per step). A non-finite loss or gradient stops training (`NonFiniteLoss`, naming the
-    first such step and `last_good`, the checkpoint kept). Returns early, after a whole step,
-    when `stop` has caught a signal (in every process of a distributed run: they agree at the
-    log points). At the log points a failed background checkpoint write (`writer`) stops the
-    run with its error."""
+    first such step and the checkpoint kept, `writer`'s newest). Returns early, after a whole
+    step, when `stop` has caught a signal (in every process of a distributed run: they agree
+    at the log points). At the log points a failed background checkpoint write (`writer`)
+    stops the run with its error."""
     trainer, cluster, batches = exp.trainer, exp.cluster, exp.data.train
     exp.model.train()
     device = exp.device
@@ -218,7 +217,7 @@ def train_epoch(
             if terms is None:  # a skipped non-finite step
                 pos.skipped += 1
                 if pos.skipped > trainer.skip_nonfinite:
-                    good = kept_after_writes(writer, last_good)
+                    good = kept_after_writes(writer)
                     raise NonFiniteLoss(nonfinite_message(pos.step + 1, None, trainer, good))
             else:
                 pos.step += 1
@@ -241,7 +240,7 @@ def train_epoch(
                     writer.check()
                 if first_bad.item() >= 0:
                     bad_terms = dict(zip(names, bad.tolist()))
-                    good = kept_after_writes(writer, last_good)
+                    good = kept_after_writes(writer)
                     raise NonFiniteLoss(
                         nonfinite_message(first_bad.item(), bad_terms, trainer, good)
                     )
